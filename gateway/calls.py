@@ -1,0 +1,207 @@
+"""The protocol-neutral call: what gRPC and REST both invoke.
+
+Each RPC of the protos becomes one :class:`Endpoint`, built from the service
+descriptors at start-up and bound to the servicer method of the same name. The
+gRPC server and the REST transcoder only translate their protocol into a
+:class:`CallContext` and a request message, then call ``Endpoint.unary``,
+``Endpoint.server_stream`` or ``Endpoint.client_stream``. Authentication, limits,
+metrics, the access log and error mapping happen here, once for both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.protobuf.message import Message
+from google.protobuf.message_factory import GetMessageClass
+from memgw.v1 import options_pb2
+
+from gateway.errors import GatewayError, Internal
+
+access_log = logging.getLogger("gateway.access")
+log = logging.getLogger("gateway.calls")
+_request_ids = itertools.count(1)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Principal:
+    """Who is calling: the broker user and the session its token refers to."""
+
+    username: str
+    account_id: int
+    session: str  # key of the broker connection this principal uses
+    kind: str = "access"  # "access" or "api_key"
+    stations: tuple[str, ...] = ()  # API-key scope; empty means every station
+
+
+@dataclass(slots=True, kw_only=True)
+class CallContext:
+    """One call, whatever the protocol."""
+
+    protocol: str  # "grpc" or "rest"
+    metadata: Mapping[str, str]  # lower-case keys
+    peer: str = ""
+    deadline: float | None = None  # time.monotonic() based
+    principal: Principal | None = None
+    request_id: int = field(default_factory=lambda: next(_request_ids))
+    # Response metadata the servicer wants sent (gRPC initial metadata / HTTP headers).
+    response_headers: dict[str, str] = field(default_factory=dict)
+
+    def time_remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def require_principal(self) -> Principal:
+        if self.principal is None:  # only public methods run without one
+            raise Internal("no principal on an authenticated method")
+        return self.principal
+
+
+class Guard(Protocol):
+    """Cross-cutting admission: authentication and limits, for both protocols."""
+
+    async def admit(self, endpoint: Endpoint, ctx: CallContext) -> None: ...
+
+    def release(self, endpoint: Endpoint, ctx: CallContext) -> None: ...
+
+
+class Observer(Protocol):
+    """Metrics sink called once per finished call."""
+
+    def observe(self, endpoint: Endpoint, code: str, seconds: float) -> None: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Endpoint:
+    service: ServiceDescriptor
+    method: MethodDescriptor
+    request_type: type[Message]
+    response_type: type[Message]
+    handler: Callable[..., Any]
+    guard: Guard
+    observer: Observer | None = None
+
+    @property
+    def full_name(self) -> str:
+        return f"/{self.service.full_name}/{self.method.name}"
+
+    @property
+    def client_streaming(self) -> bool:
+        return bool(self.method.client_streaming)
+
+    @property
+    def server_streaming(self) -> bool:
+        return bool(self.method.server_streaming)
+
+    @property
+    def public(self) -> bool:
+        return bool(self.method.GetOptions().Extensions[options_pb2.access].public)
+
+    @property
+    def transcoding(self) -> options_pb2.HttpTranscoding:
+        return self.method.GetOptions().Extensions[options_pb2.transcoding]
+
+    async def unary(self, request: Message, ctx: CallContext) -> Message:
+        """Unary and client-streaming calls (request is an async iterator for the latter)."""
+        return await self._run(ctx, lambda: self.handler(request, ctx))
+
+    async def server_stream(self, request: Message, ctx: CallContext) -> AsyncIterator[Message]:
+        started = time.monotonic()
+        code = "OK"
+        await self._admit(ctx)
+        try:
+            async for response in self.handler(request, ctx):
+                yield response
+        except BaseException as exc:
+            code = _code_of(exc)
+            raise _as_gateway_error(exc, self, ctx) from exc
+        finally:
+            self._finish(ctx, code, started)
+
+    async def _run(self, ctx: CallContext, call: Callable[[], Awaitable[Message]]) -> Message:
+        started = time.monotonic()
+        code = "OK"
+        try:
+            await self._admit(ctx)
+            remaining = ctx.time_remaining()
+            if remaining is None:
+                return await call()
+            async with asyncio.timeout(max(remaining, 0)):
+                return await call()
+        except BaseException as exc:
+            code = _code_of(exc)
+            raise _as_gateway_error(exc, self, ctx) from exc
+        finally:
+            self._finish(ctx, code, started)
+
+    async def _admit(self, ctx: CallContext) -> None:
+        await self.guard.admit(self, ctx)
+
+    def _finish(self, ctx: CallContext, code: str, started: float) -> None:
+        elapsed = time.monotonic() - started
+        self.guard.release(self, ctx)
+        if self.observer is not None:
+            self.observer.observe(self, code, elapsed)
+        user = ctx.principal.username if ctx.principal else "-"
+        access_log.info(
+            "%s %s %s user=%s peer=%s %.1fms id=%d",
+            ctx.protocol, self.full_name, code, user, ctx.peer, elapsed * 1000, ctx.request_id,
+        )
+
+
+def _code_of(exc: BaseException) -> str:
+    if isinstance(exc, GatewayError):
+        return exc.code.name
+    if isinstance(exc, TimeoutError):
+        return "DEADLINE_EXCEEDED"
+    if isinstance(exc, asyncio.CancelledError):
+        return "CANCELLED"
+    return "INTERNAL"
+
+
+def _as_gateway_error(exc: BaseException, endpoint: Endpoint, ctx: CallContext) -> BaseException:
+    if isinstance(exc, GatewayError | asyncio.CancelledError | GeneratorExit | KeyboardInterrupt | SystemExit):
+        return exc
+    if isinstance(exc, TimeoutError):
+        from gateway.errors import DeadlineExceeded
+
+        return DeadlineExceeded("deadline exceeded")
+    log.error("unexpected error in %s (request id %d)", endpoint.full_name, ctx.request_id, exc_info=exc)
+    return Internal(f"internal error (request id {ctx.request_id})")
+
+
+def build_endpoints(
+    services: Iterable[ServiceDescriptor],
+    servicers: Iterable[object],
+    guard: Guard,
+    observer: Observer | None = None,
+) -> list[Endpoint]:
+    """Bind every RPC of ``services`` to the servicer whose ``SERVICE`` names it."""
+    by_name = {getattr(s, "SERVICE"): s for s in servicers}
+    endpoints = []
+    for service in services:
+        servicer = by_name.get(service.full_name)
+        if servicer is None:
+            raise LookupError(f"no servicer for {service.full_name}")
+        for method in service.methods:
+            handler = getattr(servicer, method.name, None)
+            if handler is None:
+                raise LookupError(f"{type(servicer).__name__} lacks {method.name}")
+            endpoints.append(
+                Endpoint(
+                    service=service,
+                    method=method,
+                    request_type=GetMessageClass(method.input_type),
+                    response_type=GetMessageClass(method.output_type),
+                    handler=handler,
+                    guard=guard,
+                    observer=observer,
+                )
+            )
+    return endpoints
