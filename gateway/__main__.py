@@ -1,2 +1,96 @@
-def main() -> None:
-    pass
+"""Command line: ``memphis-gateway serve [flags]`` (``--help`` lists every setting)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import signal
+import sys
+
+from gateway import settings as config
+from gateway.app import Gateway
+
+log = logging.getLogger("gateway")
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="memphis-gateway",
+        description="REST (port 4444) and gRPC (port 50051) gateway for Memphis.dev stations.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve",
+        help="run the gateway",
+        description="Run the gateway. With no --broker it starts an embedded nats-server and answers "
+        "Memphis's control plane itself. Flags override MEMPHIS_GATEWAY_* environment variables.",
+    )
+    config.add_arguments(serve)
+    return parser.parse_args(argv)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("nats", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+async def serve(settings: config.Settings) -> int:
+    gateway = Gateway(settings)
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        if stopping.is_set():
+            log.warning("second %s: exiting at once", signal.Signals(signum).name)
+            if gateway.embedded is not None:
+                gateway.embedded.kill()
+            os._exit(1)
+        log.info("%s: draining (up to %gs)", signal.Signals(signum).name, settings.drain_timeout_s)
+        stopping.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        await gateway.start()
+    except Exception as exc:
+        log.error("start-up failed: %s", exc)
+        await gateway.stop()
+        return 1
+    await stopping.wait()
+    await gateway.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    try:
+        settings = config.from_args(args)
+    except config.SettingsError as exc:
+        sys.exit(f"memphis-gateway: configuration error: {exc}")
+    configure_logging(settings.log_level)
+    settings, generated = settings.with_generated_secret()
+    if generated:
+        log.warning(
+            "no jwt_secret configured: generated a random one; tokens will not survive a restart "
+            "and replicas will not accept each other's tokens (set MEMPHIS_GATEWAY_JWT_SECRET)"
+        )
+    log.info("settings: %s", {k: str(v) for k, v in settings.redacted().items()})
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover
+        runner = asyncio.run
+    sys.exit(runner(serve(dataclasses.replace(settings))))
+
+
+if __name__ == "__main__":
+    main()

@@ -39,6 +39,7 @@ class Principal:
     session: str  # key of the broker connection this principal uses
     kind: str = "access"  # "access" or "api_key"
     stations: tuple[str, ...] = ()  # API-key scope; empty means every station
+    credentials: Any = field(default=None, repr=False, compare=False)  # gateway.tokens.Credentials
 
 
 @dataclass(slots=True, kw_only=True)

@@ -27,7 +27,7 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from memgw.v1 import options_pb2 as memgw_dot_v1_dot_options__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19memgw/v1/monitoring.proto\x12\x08memgw.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x16memgw/v1/options.proto\"\x0f\n\rStatusRequest\" \n\x0eStatusResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\" \n\x1eGetResourcesUtilizationRequest\"O\n\x1fGetResourcesUtilizationResponse\x12\x0b\n\x03\x63pu\x18\x01 \x01(\x01\x12\x0e\n\x06memory\x18\x02 \x01(\x01\x12\x0f\n\x07storage\x18\x03 \x01(\x04\x32\x90\x02\n\x11MonitoringService\x12]\n\x06Status\x12\x17.memgw.v1.StatusRequest\x1a\x18.memgw.v1.StatusResponse\" \xa2\xd1\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x14\x12\x12/monitoring/status\x12\x9b\x01\n\x17GetResourcesUtilization\x12(.memgw.v1.GetResourcesUtilizationRequest\x1a).memgw.v1.GetResourcesUtilizationResponse\"+\x82\xd3\xe4\x93\x02%\x12#/monitoring/getResourcesUtilizationb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19memgw/v1/monitoring.proto\x12\x08memgw.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x16memgw/v1/options.proto\"\x0f\n\rStatusRequest\"@\n\x0eStatusResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x13\n\x06reason\x18\x02 \x01(\tH\x00\x88\x01\x01\x42\t\n\x07_reason\" \n\x1eGetResourcesUtilizationRequest\"O\n\x1fGetResourcesUtilizationResponse\x12\x0b\n\x03\x63pu\x18\x01 \x01(\x01\x12\x0e\n\x06memory\x18\x02 \x01(\x01\x12\x0f\n\x07storage\x18\x03 \x01(\x04\x32\x90\x02\n\x11MonitoringService\x12]\n\x06Status\x12\x17.memgw.v1.StatusRequest\x1a\x18.memgw.v1.StatusResponse\" \xa2\xd1\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x14\x12\x12/monitoring/status\x12\x9b\x01\n\x17GetResourcesUtilization\x12(.memgw.v1.GetResourcesUtilizationRequest\x1a).memgw.v1.GetResourcesUtilizationResponse\"+\x82\xd3\xe4\x93\x02%\x12#/monitoring/getResourcesUtilizationb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,11 +41,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATUSREQUEST']._serialized_start=93
   _globals['_STATUSREQUEST']._serialized_end=108
   _globals['_STATUSRESPONSE']._serialized_start=110
-  _globals['_STATUSRESPONSE']._serialized_end=142
-  _globals['_GETRESOURCESUTILIZATIONREQUEST']._serialized_start=144
-  _globals['_GETRESOURCESUTILIZATIONREQUEST']._serialized_end=176
-  _globals['_GETRESOURCESUTILIZATIONRESPONSE']._serialized_start=178
-  _globals['_GETRESOURCESUTILIZATIONRESPONSE']._serialized_end=257
-  _globals['_MONITORINGSERVICE']._serialized_start=260
-  _globals['_MONITORINGSERVICE']._serialized_end=532
+  _globals['_STATUSRESPONSE']._serialized_end=174
+  _globals['_GETRESOURCESUTILIZATIONREQUEST']._serialized_start=176
+  _globals['_GETRESOURCESUTILIZATIONREQUEST']._serialized_end=208
+  _globals['_GETRESOURCESUTILIZATIONRESPONSE']._serialized_start=210
+  _globals['_GETRESOURCESUTILIZATIONRESPONSE']._serialized_end=289
+  _globals['_MONITORINGSERVICE']._serialized_start=292
+  _globals['_MONITORINGSERVICE']._serialized_end=564
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,102 @@
+"""The gRPC server: generic handlers built from the same Endpoints REST uses.
+
+Also serves grpc.health.v1 (SERVING while the broker answers) and server
+reflection, so grpcurl and grpc-health-probe work without the protos.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+
+from gateway.calls import CallContext, Endpoint
+from gateway.errors import GatewayError
+
+
+def _context(context: grpc.aio.ServicerContext[Any, Any]) -> CallContext:
+    remaining = context.time_remaining()
+    return CallContext(
+        protocol="grpc",
+        metadata={k.lower(): v for k, v in context.invocation_metadata() or () if isinstance(v, str)},
+        peer=context.peer() or "",
+        deadline=None if remaining is None else time.monotonic() + remaining,
+    )
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: GatewayError) -> None:
+    status = status_pb2.Status(code=error.code.value[0], message=error.message)
+    if error.detail is not None:
+        detail = any_pb2.Any()
+        detail.Pack(error.detail)
+        status.details.append(detail)
+    if error.retry_after is not None:
+        await context.send_initial_metadata((("retry-after", str(int(error.retry_after + 0.999))),))
+    await context.abort_with_status(rpc_status.to_status(status))
+
+
+async def _send_headers(context: grpc.aio.ServicerContext[Any, Any], ctx: CallContext) -> None:
+    if ctx.response_headers:
+        await context.send_initial_metadata(tuple((k.lower(), v) for k, v in ctx.response_headers.items()))
+
+
+def _handler(endpoint: Endpoint) -> grpc.RpcMethodHandler:
+    deserialize = endpoint.request_type.FromString
+    serialize = endpoint.response_type.SerializeToString
+
+    if endpoint.server_streaming:
+        async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            ctx = _context(context)
+            try:
+                async for response in endpoint.server_stream(request, ctx):
+                    yield response
+            except GatewayError as error:
+                await _abort(context, error)
+
+        return grpc.unary_stream_rpc_method_handler(
+            stream, request_deserializer=deserialize, response_serializer=serialize
+        )
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        ctx = _context(context)
+        try:
+            response = await endpoint.unary(request, ctx)
+        except GatewayError as error:
+            await _abort(context, error)
+        await _send_headers(context, ctx)
+        return response
+
+    make = grpc.stream_unary_rpc_method_handler if endpoint.client_streaming else grpc.unary_unary_rpc_method_handler
+    return make(unary, request_deserializer=deserialize, response_serializer=serialize)
+
+
+def build_grpc_server(endpoints: Iterable[Endpoint], health_servicer: health.aio.HealthServicer | None = None,
+                      *, max_message_bytes: int) -> grpc.aio.Server:
+    endpoints = list(endpoints)
+    options = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 1),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    server = grpc.aio.server(options=options)
+    services: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
+    for endpoint in endpoints:
+        services.setdefault(endpoint.service.full_name, {})[endpoint.method.name] = _handler(endpoint)
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler(name, handlers) for name, handlers in services.items()]
+    )
+    names = [*services, reflection.SERVICE_NAME]
+    if health_servicer is not None:
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        names.append(health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
+    reflection.enable_server_reflection(names, server)
+    return server

@@ -1,0 +1,51 @@
+"""Request checks shared by the servicers: station names and message headers."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from gateway.errors import InvalidArgument
+from gateway.names import validate_name
+
+RESERVED_HEADER_PREFIX = "$memphis"
+# Never message headers, whoever sends them (credentials and transport headers).
+DROPPED_HEADERS = frozenset(
+    h.lower()
+    for h in (
+        "Authorization", "Cookie", "Proxy-Authorization", "Connection", "Keep-Alive", "TE", "Trailer",
+        "Transfer-Encoding", "Upgrade", "Proxy-Connection", "Content-Length", "Host",
+    )
+)
+
+
+def station_name(raw: str) -> str:
+    """The station's (lower-cased) name, or InvalidArgument saying why it is not valid."""
+    reason = validate_name(raw, "station")
+    if reason is not None:
+        raise InvalidArgument(f"invalid station name: {reason}")
+    return raw.lower()
+
+
+def message_headers(*sources: Mapping[str, str]) -> dict[str, str]:
+    """Merge header maps into message headers, refusing reserved keys and CR/LF."""
+    merged: dict[str, str] = {}
+    for source in sources:
+        for key, value in source.items():
+            if key.lower() in DROPPED_HEADERS:
+                continue
+            if key.lower().startswith(RESERVED_HEADER_PREFIX):
+                raise InvalidArgument(f"header {key!r}: keys starting with $memphis are reserved")
+            if not key or any(c in key for c in "\r\n: \t") or any(c in value for c in "\r\n\0"):
+                raise InvalidArgument(f"header {key!r}: names may not be empty or hold ':', spaces, CR or LF; "
+                                      "values may not hold CR, LF or NUL")
+            merged[key] = value
+    return merged
+
+
+def header_value(headers: Mapping[str, str], *names: str) -> str:
+    """The first of ``names`` present in ``headers``, matched case-insensitively."""
+    wanted = {n.lower() for n in names}
+    for key, value in headers.items():
+        if key.lower() in wanted:
+            return value
+    return ""

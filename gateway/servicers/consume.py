@@ -1,0 +1,89 @@
+"""ConsumeService: batches, streams and explicit acknowledgement through consumer groups."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+from memgw.v1 import consume_pb2
+
+from gateway.broker import Broker, ConsumerSpec, InMessage
+from gateway.calls import CallContext
+from gateway.errors import InvalidArgument
+from gateway.names import validate_name
+from gateway.servicers.common import station_name
+
+DEFAULT_GROUP = "rest-gateway"
+DEFAULT_BATCH = 10
+DEFAULT_WAIT_MS = 5000
+DEFAULT_STREAM_BATCH = 100
+MAX_ACK_IDS = 5000
+
+
+def group_name(requested: str) -> str:
+    """The Memphis REST gateway's mapping: g -> "g-rest-gateway", none -> "rest-gateway"."""
+    return f"{requested}-{DEFAULT_GROUP}" if requested else DEFAULT_GROUP
+
+
+def consumer_spec(station: str, consumer_name: str, group: str, ack_mode: int) -> ConsumerSpec:
+    if not consumer_name:
+        raise InvalidArgument("Consumer name is required")
+    for kind, name in (("consumer", consumer_name), ("consumer group", group)):
+        reason = validate_name(name, kind)
+        if reason is not None:
+            raise InvalidArgument(f"invalid {kind} name: {reason}")
+    return ConsumerSpec(
+        station=station_name(station),
+        consumer_name=consumer_name.lower(),
+        group=group_name(group.lower()),
+        explicit_ack=ack_mode == consume_pb2.ACK_MODE_EXPLICIT,
+    )
+
+
+def consumed(messages: Sequence[InMessage]) -> list[consume_pb2.ConsumedMessage]:
+    return [consume_pb2.ConsumedMessage(message=m.data, headers=m.headers, ack_id=m.ack_id) for m in messages]
+
+
+class ConsumeService:
+    SERVICE = "memgw.v1.ConsumeService"
+
+    def __init__(self, broker: Broker, max_batch: int, max_wait_ms: int) -> None:
+        self._broker = broker
+        self._max_batch = max_batch
+        self._max_wait_ms = max_wait_ms
+
+    async def ConsumeBatch(
+        self, request: consume_pb2.ConsumeBatchRequest, ctx: CallContext
+    ) -> consume_pb2.ConsumeBatchResponse:
+        spec = consumer_spec(request.station, request.consumer_name, request.consumer_group, request.ack_mode)
+        batch = self._batch_size(request.batch_size if request.HasField("batch_size") else DEFAULT_BATCH)
+        wait_ms = request.batch_max_wait_time_ms if request.HasField("batch_max_wait_time_ms") else DEFAULT_WAIT_MS
+        if wait_ms > self._max_wait_ms:
+            raise InvalidArgument(f"batch_max_wait_time_ms must be at most {self._max_wait_ms}")
+        wait_s = max(wait_ms, 1) / 1000
+        remaining = ctx.time_remaining()
+        if remaining is not None:  # answer before the caller's deadline, with what there is
+            wait_s = max(min(wait_s, remaining - 0.25), 0.001)
+        messages = await self._broker.fetch(ctx.require_principal().credentials, spec, batch, wait_s)
+        return consume_pb2.ConsumeBatchResponse(messages=consumed(messages))
+
+    async def Ack(self, request: consume_pb2.AckRequest, ctx: CallContext) -> consume_pb2.AckResponse:
+        station = station_name(request.station)
+        if not request.ack_ids:
+            raise InvalidArgument("ack_ids is required")
+        if len(request.ack_ids) > MAX_ACK_IDS:
+            raise InvalidArgument(f"at most {MAX_ACK_IDS} ack_ids at once")
+        acked = await self._broker.ack(ctx.require_principal().credentials, station, request.ack_ids, request.nack)
+        return consume_pb2.AckResponse(success=True, acked=acked)
+
+    async def Subscribe(
+        self, request: consume_pb2.SubscribeRequest, ctx: CallContext
+    ) -> AsyncIterator[consume_pb2.SubscribeResponse]:
+        spec = consumer_spec(request.station, request.consumer_name, request.consumer_group, request.ack_mode)
+        batch = self._batch_size(request.batch_size if request.HasField("batch_size") else DEFAULT_STREAM_BATCH)
+        async for messages in self._broker.subscribe(ctx.require_principal().credentials, spec, batch):
+            yield consume_pb2.SubscribeResponse(messages=consumed(messages))
+
+    def _batch_size(self, size: int) -> int:
+        if not 1 <= size <= self._max_batch:
+            raise InvalidArgument(f"batch_size must be between 1 and {self._max_batch}")
+        return size

@@ -1,0 +1,35 @@
+"""MonitoringService: a truthful status and this replica's resource figures."""
+
+from __future__ import annotations
+
+import psutil
+from memgw.v1 import monitoring_pb2
+
+from gateway.broker import Broker
+from gateway.calls import CallContext
+from gateway.errors import Unavailable
+
+
+class MonitoringService:
+    SERVICE = "memgw.v1.MonitoringService"
+
+    def __init__(self, broker: Broker) -> None:
+        self._broker = broker
+        self._process = psutil.Process()
+        self._process.cpu_percent(None)  # starts the CPU measurement window
+
+    async def Status(self, request: monitoring_pb2.StatusRequest, ctx: CallContext) -> monitoring_pb2.StatusResponse:
+        reason = await self._broker.health()
+        if reason is not None:
+            raise Unavailable(reason, detail=monitoring_pb2.StatusResponse(status="unavailable", reason=reason))
+        return monitoring_pb2.StatusResponse(status="ok")
+
+    async def GetResourcesUtilization(
+        self, request: monitoring_pb2.GetResourcesUtilizationRequest, ctx: CallContext
+    ) -> monitoring_pb2.GetResourcesUtilizationResponse:
+        principal = ctx.require_principal()
+        return monitoring_pb2.GetResourcesUtilizationResponse(
+            cpu=round(self._process.cpu_percent(None), 2),
+            memory=round(self._process.memory_percent(), 2),
+            storage=await self._broker.storage_bytes(principal.credentials),
+        )

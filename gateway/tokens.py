@@ -1,0 +1,141 @@
+"""Access and refresh tokens (JWT, HS256) that never reveal a credential.
+
+A token names the broker user and carries the user's broker credential sealed
+with AES-256-GCM under a key derived from the shared secret, so any replica with
+the same ``jwt_secret`` can open the user's broker connection, nothing has to be
+broadcast, and a token holder reads no password or connection token from it.
+Signing and sealing use distinct keys derived from the secret (HKDF).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import jwt
+import orjson
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from gateway.calls import Principal
+from gateway.errors import Unauthenticated
+
+ALGORITHM = "HS256"
+ISSUER = "memphis-gateway"
+ACCESS, REFRESH = "access", "refresh"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Credentials:
+    """What the broker needs to let a user in; never logged, never in clear in a token."""
+
+    username: str
+    account_id: int
+    password: str = field(default="", repr=False)
+    connection_token: str = field(default="", repr=False)
+
+    def session_key(self, pepper: bytes) -> str:
+        """A stable key for the user's broker connection (a keyed hash of the credential)."""
+        material = orjson.dumps([self.username, self.account_id, self.password, self.connection_token])
+        return hashlib.blake2b(material, key=pepper[:64], digest_size=16).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedTokens:
+    access: str
+    refresh: str
+    access_ms: int
+    refresh_ms: int
+
+
+def _derive(secret: bytes, purpose: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"memphis-gateway " + purpose).derive(secret)
+
+
+class TokenService:
+    def __init__(self, secret: str) -> None:
+        raw = secret.encode()
+        self._signing_key = _derive(raw, b"jwt-signing")
+        self._aead = AESGCM(_derive(raw, b"credential-sealing"))
+        self._pepper = _derive(raw, b"session-key")
+
+    def issue(self, creds: Credentials, access_minutes: int, refresh_minutes: int) -> IssuedTokens:
+        sealed = self._seal(creds)
+        return IssuedTokens(
+            access=self._sign(creds, sealed, ACCESS, access_minutes),
+            refresh=self._sign(creds, sealed, REFRESH, refresh_minutes),
+            access_ms=access_minutes * 60_000,
+            refresh_ms=refresh_minutes * 60_000,
+        )
+
+    def verify(self, token: str, kind: str) -> tuple[Principal, Credentials]:
+        """The principal and credentials of a valid token of ``kind``; Unauthenticated otherwise."""
+        try:
+            claims = jwt.decode(
+                token,
+                self._signing_key,
+                algorithms=[ALGORITHM],  # never "none", never another family
+                issuer=ISSUER,
+                options={"require": ["exp", "iat", "sub", "typ", "crd"]},
+            )
+        except jwt.PyJWTError as exc:
+            raise Unauthenticated(f"invalid token: {type(exc).__name__}") from None
+        if claims.get("typ") != kind:
+            raise Unauthenticated(f"a {claims.get('typ')} token where an {kind} token is needed")
+        creds = self._unseal(claims["crd"], claims["sub"])
+        principal = Principal(
+            username=creds.username,
+            account_id=creds.account_id,
+            session=creds.session_key(self._pepper),
+            credentials=creds,
+        )
+        return principal, creds
+
+    def session_key(self, creds: Credentials) -> str:
+        return creds.session_key(self._pepper)
+
+    def _sign(self, creds: Credentials, sealed: str, kind: str, minutes: int) -> str:
+        now = int(time.time())
+        claims = {
+            "iss": ISSUER,
+            "sub": creds.username,
+            "acc": creds.account_id,
+            "typ": kind,
+            "iat": now,
+            "exp": now + minutes * 60,
+            "jti": uuid.uuid4().hex,
+            "crd": sealed,
+        }
+        return jwt.encode(claims, self._signing_key, algorithm=ALGORITHM)
+
+    def _seal(self, creds: Credentials) -> str:
+        nonce = os.urandom(12)
+        plain = orjson.dumps([creds.username, creds.account_id, creds.password, creds.connection_token])
+        sealed = self._aead.encrypt(nonce, plain, creds.username.encode())
+        return base64.urlsafe_b64encode(nonce + sealed).decode().rstrip("=")
+
+    def _unseal(self, sealed: str, subject: str) -> Credentials:
+        try:
+            raw = base64.urlsafe_b64decode(sealed + "=" * (-len(sealed) % 4))
+            plain = self._aead.decrypt(raw[:12], raw[12:], subject.encode())
+            username, account_id, password, connection_token = orjson.loads(plain)
+        except Exception:
+            raise Unauthenticated("credential seal does not open") from None
+        return Credentials(
+            username=username, account_id=account_id, password=password, connection_token=connection_token
+        )
+
+
+def bearer(metadata_value: str | None) -> str:
+    """The token of an ``authorization`` value ("Bearer <jwt>"); Unauthenticated if absent."""
+    if not metadata_value:
+        raise Unauthenticated("no token")
+    scheme, _, token = metadata_value.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated("not a bearer token")
+    return token.strip()
