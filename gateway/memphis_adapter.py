@@ -261,9 +261,9 @@ class MemphisBroker:
         try:
             return await Station(m, station).validate_msg(bytearray(data))  # B5: bytearray, not bytes
         except MemphisSchemaError as exc:
-            raise InvalidArgument(str(exc)) from None
+            raise InvalidArgument(_schema_error(str(exc))) from None
         except Exception as exc:
-            raise InvalidArgument(f"Schema validation has failed: {exc}") from None
+            raise InvalidArgument(_schema_error(f"Schema validation has failed: {exc}")) from None
 
     # -- consume ----------------------------------------------------------
 
@@ -413,6 +413,12 @@ def _publish_error(exc: BaseException) -> str:
     if isinstance(exc, GatewayError):
         return exc.message
     return f"produce failed: {type(exc).__name__}"
+
+
+def _schema_error(text: str) -> str:
+    """memphis-py's text without its "memphis: " prefix and jsonschema's schema dump."""
+    text = text.removeprefix("memphis: ").strip()
+    return text.split("\n", 1)[0].strip()
 
 
 def _encode_ack_id(reply: str) -> str:

@@ -28,7 +28,7 @@ def consumer_spec(station: str, consumer_name: str, group: str, ack_mode: int) -
     if not consumer_name:
         raise InvalidArgument("Consumer name is required")
     for kind, name in (("consumer", consumer_name), ("consumer group", group)):
-        reason = validate_name(name, kind)
+        reason = validate_name(name, kind) if name else None
         if reason is not None:
             raise InvalidArgument(f"invalid {kind} name: {reason}")
     return ConsumerSpec(

@@ -1,0 +1,80 @@
+"""The README's quick start: `memphis-gateway serve` with its embedded broker, as a real process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float) -> tuple[int, bytes]:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def test_serve_help_lists_the_settings() -> None:
+    out = subprocess.run([sys.executable, "-m", "gateway", "serve", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for flag in ("--http-port", "--grpc-port", "--data-dir", "--broker", "--broker-port", "--control-plane",
+                 "--root-user", "--root-password", "--jwt-secret"):
+        assert flag in out
+
+
+def test_bad_setting_fails_at_start_with_its_name() -> None:
+    proc = subprocess.run([sys.executable, "-m", "gateway", "serve"], capture_output=True, text=True,
+                          env={**os.environ, "MEMPHIS_GATEWAY_HTTP_PORT": "eighty"}, timeout=30)
+    assert proc.returncode != 0 and "MEMPHIS_GATEWAY_HTTP_PORT" in proc.stderr
+
+
+def test_embedded_serve_produces_consumes_and_stops_cleanly(tmp_path: Path) -> None:
+    http, grpc_port, broker = free_port(), free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--http-port", str(http), "--grpc-port", str(grpc_port),
+         "--broker-port", str(broker), "--data-dir", str(tmp_path / "data")],
+        stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        status, body = wait_http(f"http://127.0.0.1:{http}/monitoring/status", 30)
+        assert (status, json.loads(body)) == (200, {"status": "ok"})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{http}/auth/authenticate", method="POST",
+            data=json.dumps({"username": "root", "password": "memphis"}).encode(),
+            headers={"Content-Type": "application/json"})
+        token = json.loads(urllib.request.urlopen(req, timeout=10).read())["jwt"]
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{http}/stations/quick/produce/single", method="POST", data=b"hello",
+            headers={"Content-Type": "text/plain", "Authorization": f"Bearer {token}"})
+        assert json.loads(urllib.request.urlopen(req, timeout=10).read()) == {"error": None, "success": True}
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        assert time.monotonic() - started < 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = proc.stderr.read() if proc.stderr else ""
+    assert "embedded nats-server" in log
+    assert token not in log
