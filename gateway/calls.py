@@ -51,6 +51,7 @@ class CallContext:
     peer: str = ""
     deadline: float | None = None  # time.monotonic() based
     principal: Principal | None = None
+    request_bytes: int = 0  # size of the request body / message, for byte-rate limits
     request_id: int = field(default_factory=lambda: next(_request_ids))
     # Response metadata the servicer wants sent (gRPC initial metadata / HTTP headers).
     response_headers: dict[str, str] = field(default_factory=dict)

@@ -66,6 +66,8 @@ def _handler(endpoint: Endpoint) -> grpc.RpcMethodHandler:
 
     async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         ctx = _context(context)
+        if not endpoint.client_streaming:
+            ctx.request_bytes = request.ByteSize()
         try:
             response = await endpoint.unary(request, ctx)
         except GatewayError as error:

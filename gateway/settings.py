@@ -58,6 +58,9 @@ class Settings:
     max_batch_messages: int = field(default=5000, metadata={"help": "most messages in one produce batch"})
     max_consume_batch: int = field(default=5000, metadata={"help": "largest consume batch_size"})
     max_consume_wait_ms: int = field(default=60000, metadata={"help": "largest batch_max_wait_time_ms"})
+    max_streams_per_user: int = field(default=16, metadata={"help": "concurrent streaming calls per user"})
+    rate_limit_rps: float = field(default=0.0, metadata={"help": "requests/s per user (0: off); 429 beyond"})
+    rate_limit_bytes_per_s: float = field(default=0.0, metadata={"help": "request bytes/s per user (0: off)"})
     drain_timeout_s: float = field(default=8.0, metadata={"help": "on SIGTERM, time given to calls in flight (s)"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
 
@@ -115,7 +118,10 @@ def _validate(s: Settings) -> None:
     for port in ("http_port", "grpc_port", "broker_port"):
         if not 0 <= getattr(s, port) <= 65535:
             raise SettingsError(f"{port}: must be between 0 and 65535")
-    positive = ("workers", "broker_timeout_s", "token_expiry_min", "refresh_token_expiry_min", "request_timeout_s",
+    for name in ("rate_limit_rps", "rate_limit_bytes_per_s"):
+        if getattr(s, name) < 0:
+            raise SettingsError(f"{name}: must be 0 (off) or positive")
+    positive = ("workers", "max_streams_per_user", "broker_timeout_s", "token_expiry_min", "refresh_token_expiry_min", "request_timeout_s",
                 "max_body_bytes", "max_batch_messages", "max_consume_batch", "max_consume_wait_ms", "session_idle_s")
     for name in positive:
         if getattr(s, name) <= 0:

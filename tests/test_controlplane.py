@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from conftest import ROOT_PASSWORD, ROOT_USER, connect_root
+from tests.conftest import ROOT_PASSWORD, ROOT_USER, connect_root
 from memphis import Memphis
 from memphis.exceptions import MemphisError, MemphisSchemaError
 from memphis.types import Retention, Storage

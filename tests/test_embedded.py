@@ -11,7 +11,7 @@ from pathlib import Path
 
 import nats
 import pytest
-from conftest import ROOT_PASSWORD, ROOT_USER, connect_root
+from tests.conftest import ROOT_PASSWORD, ROOT_USER, connect_root
 
 from gateway.embedded import MAX_PAYLOAD, BrokerError, EmbeddedBroker, find_nats_server
 
@@ -45,7 +45,7 @@ async def test_config_is_json_and_private(nats_server: EmbeddedBroker) -> None:
 
 
 async def test_stop_restart_keeps_data_and_port(tmp_path: Path) -> None:
-    broker = EmbeddedBroker(data_dir=tmp_path, port=0, users={"app": "secret"})
+    broker = EmbeddedBroker(data_dir=tmp_path, port=0, root_password=ROOT_PASSWORD, users={"app": "secret"})
     await broker.start()
     port = broker.port
     nc = await connect_root(broker)
@@ -101,7 +101,7 @@ async def test_port_in_use_fails_with_the_server_log(tmp_path: Path) -> None:
 
 async def test_unusable_store_fails_clearly(tmp_path: Path) -> None:
     (tmp_path / "jetstream").write_text("not a directory")
-    broker = EmbeddedBroker(data_dir=tmp_path, port=0)
+    broker = EmbeddedBroker(data_dir=tmp_path, port=0, root_password=ROOT_PASSWORD)
     with pytest.raises(BrokerError, match=r"(?s)exited with code 1.*storage directory is not a directory"):
         await broker.start()
 
@@ -120,7 +120,7 @@ async def test_binary_is_the_wheels() -> None:
 
 
 async def test_monitoring_port_is_optional(tmp_path: Path) -> None:
-    broker = EmbeddedBroker(data_dir=tmp_path, port=0, http_port=0)
+    broker = EmbeddedBroker(data_dir=tmp_path, port=0, root_password=ROOT_PASSWORD, http_port=0)
     await broker.start()
     try:
         assert broker.http_port
