@@ -3,8 +3,9 @@
 Each RPC of the protos becomes one :class:`Endpoint`, built from the service
 descriptors at start-up and bound to the servicer method of the same name. The
 gRPC server and the REST transcoder only translate their protocol into a
-:class:`CallContext` and a request message, then call ``Endpoint.unary``,
-``Endpoint.server_stream`` or ``Endpoint.client_stream``. Authentication, limits,
+:class:`CallContext` and a request message, then call ``Endpoint.unary`` (unary
+calls, and client streams with an async iterator of requests) or
+``Endpoint.server_stream``. Authentication, limits,
 metrics, the access log and error mapping happen here, once for both.
 """
 
@@ -88,10 +89,9 @@ class Endpoint:
     handler: Callable[..., Any]
     guard: Guard
     observer: Observer | None = None
-
-    @property
-    def full_name(self) -> str:
-        return f"/{self.service.full_name}/{self.method.name}"
+    public: bool = False  # (memgw.v1.access).public: callable without a token
+    transcoding: options_pb2.HttpTranscoding = field(default_factory=options_pb2.HttpTranscoding)
+    full_name: str = ""  # "/pkg.Service/Method"
 
     @property
     def client_streaming(self) -> bool:
@@ -101,13 +101,6 @@ class Endpoint:
     def server_streaming(self) -> bool:
         return bool(self.method.server_streaming)
 
-    @property
-    def public(self) -> bool:
-        return bool(self.method.GetOptions().Extensions[options_pb2.access].public)
-
-    @property
-    def transcoding(self) -> options_pb2.HttpTranscoding:
-        return self.method.GetOptions().Extensions[options_pb2.transcoding]
 
     async def unary(self, request: Message, ctx: CallContext) -> Message:
         """Unary and client-streaming calls (request is an async iterator for the latter)."""
@@ -116,13 +109,16 @@ class Endpoint:
     async def server_stream(self, request: Message, ctx: CallContext) -> AsyncIterator[Message]:
         started = time.monotonic()
         code = "OK"
-        await self._admit(ctx)
         try:
+            await self._admit(ctx)
             async for response in self.handler(request, ctx):
                 yield response
         except BaseException as exc:
             code = _code_of(exc)
-            raise _as_gateway_error(exc, self, ctx) from exc
+            mapped = _as_gateway_error(exc, self, ctx)
+            if mapped is exc:
+                raise
+            raise mapped from exc
         finally:
             self._finish(ctx, code, started)
 
@@ -138,7 +134,10 @@ class Endpoint:
                 return await call()
         except BaseException as exc:
             code = _code_of(exc)
-            raise _as_gateway_error(exc, self, ctx) from exc
+            mapped = _as_gateway_error(exc, self, ctx)
+            if mapped is exc:
+                raise
+            raise mapped from exc
         finally:
             self._finish(ctx, code, started)
 
@@ -162,7 +161,7 @@ def _code_of(exc: BaseException) -> str:
         return exc.code.name
     if isinstance(exc, TimeoutError):
         return "DEADLINE_EXCEEDED"
-    if isinstance(exc, asyncio.CancelledError):
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
         return "CANCELLED"
     return "INTERNAL"
 
@@ -195,8 +194,12 @@ def build_endpoints(
             handler = getattr(servicer, method.name, None)
             if handler is None:
                 raise LookupError(f"{type(servicer).__name__} lacks {method.name}")
+            options = method.GetOptions()
             endpoints.append(
                 Endpoint(
+                    public=options.Extensions[options_pb2.access].public,
+                    transcoding=options.Extensions[options_pb2.transcoding],
+                    full_name=f"/{service.full_name}/{method.name}",
                     service=service,
                     method=method,
                     request_type=GetMessageClass(method.input_type),

@@ -58,11 +58,16 @@ def _derive(secret: bytes, purpose: bytes) -> bytes:
 
 
 class TokenService:
+    CACHE_SIZE = 10_000
+
     def __init__(self, secret: str) -> None:
         raw = secret.encode()
         self._signing_key = _derive(raw, b"jwt-signing")
         self._aead = AESGCM(_derive(raw, b"credential-sealing"))
         self._pepper = _derive(raw, b"session-key")
+        # token -> (expiry, kind, principal, credentials): a token verified once stays valid until it
+        # expires, so the hot path skips the HMAC, the JSON and the AES-GCM of a repeated token.
+        self._verified: dict[str, tuple[float, str, Principal, Credentials]] = {}
 
     def issue(self, creds: Credentials, access_minutes: int, refresh_minutes: int) -> IssuedTokens:
         sealed = self._seal(creds)
@@ -75,6 +80,19 @@ class TokenService:
 
     def verify(self, token: str, kind: str) -> tuple[Principal, Credentials]:
         """The principal and credentials of a valid token of ``kind``; Unauthenticated otherwise."""
+        cached = self._verified.get(token)
+        if cached is not None and cached[1] == kind and cached[0] > time.time():
+            return cached[2], cached[3]
+        principal, creds, expiry = self._verify(token, kind)
+        if len(self._verified) >= self.CACHE_SIZE:
+            now = time.time()
+            self._verified = {t: v for t, v in self._verified.items() if v[0] > now}
+            if len(self._verified) >= self.CACHE_SIZE:
+                self._verified.clear()
+        self._verified[token] = (expiry, kind, principal, creds)
+        return principal, creds
+
+    def _verify(self, token: str, kind: str) -> tuple[Principal, Credentials, float]:
         try:
             claims = jwt.decode(
                 token,
@@ -94,7 +112,7 @@ class TokenService:
             session=creds.session_key(self._pepper),
             credentials=creds,
         )
-        return principal, creds
+        return principal, creds, float(claims["exp"])
 
     def session_key(self, creds: Credentials) -> str:
         return creds.session_key(self._pepper)
