@@ -26,25 +26,34 @@ def station_name(raw: str) -> str:
     return raw.lower()
 
 
+_BAD_KEY_CHARS = frozenset("\r\n: \t")
+_BAD_VALUE_CHARS = frozenset("\r\n\0")
+
+
 def message_headers(*sources: Mapping[str, str]) -> dict[str, str]:
     """Merge header maps into message headers, refusing reserved keys and CR/LF."""
     merged: dict[str, str] = {}
     for source in sources:
         for key, value in source.items():
-            if key.lower() in DROPPED_HEADERS:
+            lower = key.lower()
+            if lower in DROPPED_HEADERS:
                 continue
-            if key.lower().startswith(RESERVED_HEADER_PREFIX):
+            if lower.startswith(RESERVED_HEADER_PREFIX):
                 raise InvalidArgument(f"header {key!r}: keys starting with $memphis are reserved")
-            if not key or any(c in key for c in "\r\n: \t") or any(c in value for c in "\r\n\0"):
+            if not key or not _BAD_KEY_CHARS.isdisjoint(key) or not _BAD_VALUE_CHARS.isdisjoint(value):
                 raise InvalidArgument(f"header {key!r}: names may not be empty or hold ':', spaces, CR or LF; "
                                       "values may not hold CR, LF or NUL")
             merged[key] = value
     return merged
 
 
-def header_value(headers: Mapping[str, str], *names: str) -> str:
-    """The first of ``names`` present in ``headers``, matched case-insensitively."""
-    wanted = {n.lower() for n in names}
+def header_lookup(*names: str) -> frozenset[str]:
+    """A set of header names for ``header_value``, built once."""
+    return frozenset(n.lower() for n in names)
+
+
+def header_value(headers: Mapping[str, str], wanted: frozenset[str]) -> str:
+    """The value of the first header whose lower-cased name is in ``wanted``."""
     for key, value in headers.items():
         if key.lower() in wanted:
             return value

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import orjson
 from memgw.v1 import produce_pb2
@@ -12,11 +12,11 @@ from memgw.v1 import produce_pb2
 from gateway.broker import Broker, OutMessage
 from gateway.calls import CallContext
 from gateway.errors import InvalidArgument
-from gateway.servicers.common import header_value, message_headers, station_name
+from gateway.servicers.common import header_lookup, header_value, message_headers, station_name
 
 TEXT_TYPES = ("application/json", "application/x-protobuf")
-IDEMPOTENCY_HEADERS = ("Idempotency-Key", "msg-id", "Nats-Msg-Id")
-PARTITION_HEADERS = ("Partition-Key",)
+IDEMPOTENCY_HEADERS = header_lookup("Idempotency-Key", "msg-id", "Nats-Msg-Id")
+PARTITION_HEADERS = header_lookup("Partition-Key")
 STREAM_FRAMES_IN_FLIGHT = 4
 
 
@@ -34,13 +34,14 @@ def check_content_type(content_type: str, accepted: Sequence[str], prefix: str |
 
 
 def out_message(
-    data: bytes, headers: Mapping[str, str], idempotency_key: str = "", partition_key: str = ""
+    data: bytes, headers: dict[str, str], idempotency_key: str = "", partition_key: str = ""
 ) -> OutMessage:
+    """A message to produce; ``headers`` is shared, not copied (messages of a batch share one dict)."""
     return OutMessage(
         data=data,
-        headers=dict(headers),
-        idempotency_key=idempotency_key or header_value(headers, *IDEMPOTENCY_HEADERS),
-        partition_key=partition_key or header_value(headers, *PARTITION_HEADERS),
+        headers=headers,
+        idempotency_key=idempotency_key or header_value(headers, IDEMPOTENCY_HEADERS),
+        partition_key=partition_key or header_value(headers, PARTITION_HEADERS),
     )
 
 
@@ -62,6 +63,19 @@ def json_elements(body: bytes) -> list[bytes]:
         except TypeError:
             out.append(json.dumps(element, separators=(",", ":"), ensure_ascii=False).encode())
     return out
+
+
+def proto_messages(
+    messages: Sequence[produce_pb2.ProducedMessage], headers: dict[str, str]
+) -> list[OutMessage]:
+    """gRPC messages, each with the shared ``headers`` plus its own."""
+    return [
+        out_message(
+            m.data, {**headers, **message_headers(m.headers)} if m.headers else headers, m.idempotency_key,
+            m.partition_key,
+        )
+        for m in messages
+    ]
 
 
 class ProduceService:
@@ -93,10 +107,7 @@ class ProduceService:
             check_content_type(request.body.content_type, ("application/json",), None)
             messages = [out_message(data, headers) for data in json_elements(request.body.data)]
         else:
-            messages = [
-                out_message(m.data, {**headers, **message_headers(m.headers)}, m.idempotency_key, m.partition_key)
-                for m in request.messages
-            ]
+            messages = proto_messages(request.messages, headers)
         await self._produce_all(ctx, station, messages)
         return produce_pb2.ProduceBatchResponse(success=True)
 
@@ -122,10 +133,7 @@ class ProduceService:
         try:
             async for frame in requests:
                 station = station_name(frame.station)
-                messages = [
-                    out_message(m.data, message_headers(m.headers), m.idempotency_key, m.partition_key)
-                    for m in frame.messages
-                ]
+                messages = proto_messages(frame.messages, {})
                 if len(in_flight) >= STREAM_FRAMES_IN_FLIGHT:
                     done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
                     for task in done:
