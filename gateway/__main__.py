@@ -48,12 +48,17 @@ async def serve(settings: config.Settings) -> int:
     stopping = asyncio.Event()
 
     def on_signal(signum: int) -> None:
+        name = signal.Signals(signum).name
         if stopping.is_set():
-            log.warning("second %s: exiting at once", signal.Signals(signum).name)
+            # The operator wants out now: no more draining. The embedded broker still gets
+            # its SIGTERM (half a second, then SIGKILL); JetStream survives either.
+            log.warning("second signal (%s): exiting at once", name)
             if gateway.embedded is not None:
-                gateway.embedded.kill()
-            os._exit(1)
-        log.info("%s: draining (up to %gs)", signal.Signals(signum).name, settings.drain_timeout_s)
+                gateway.embedded.terminate(wait_s=0.5)
+            logging.shutdown()
+            os._exit(128 + signum)
+        log.info("%s: draining (up to %gs; a second SIGTERM or SIGINT exits at once)", name,
+                 settings.drain_timeout_s)
         stopping.set()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -85,11 +90,9 @@ def main(argv: list[str] | None = None) -> None:
     log.info("settings: %s", {k: str(v) for k, v in settings.redacted().items()})
     try:
         import uvloop
-
-        runner = uvloop.run
     except ImportError:  # pragma: no cover
-        runner = asyncio.run
-    sys.exit(runner(serve(dataclasses.replace(settings))))
+        sys.exit(asyncio.run(serve(dataclasses.replace(settings))))
+    sys.exit(uvloop.run(serve(dataclasses.replace(settings))))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,19 @@ Start-up runs in order and stop in reverse: the embedded nats-server (when no
 broker is configured), the control-plane connection and responder, the broker
 adapter, then both listeners. ``stop()`` stops accepting, drains calls in
 flight up to the drain timeout, and closes everything it opened.
+
+Stop, step by step (SIGTERM; ``python -m gateway`` exits at once on a second one):
+
+1. health NOT_SERVING; streaming consumes end after their current fetch (<= 1 s);
+2. both listeners stop accepting and drain *concurrently*: REST requests and gRPC
+   calls in flight get up to ``drain_timeout_s``, then are cancelled;
+3. broker sessions, the control plane and its connection close, each bounded;
+4. the embedded nats-server gets SIGTERM (its store stays consistent).
+
+Slow and idle HTTP clients: a connection idle for HTTP_KEEPALIVE_S (also before its
+first request) is closed by aiohttp; one whose response makes no progress for
+HTTP_SEND_TIMEOUT_S (a client that stopped reading) is aborted, which frees the
+response buffered for it.
 """
 
 from __future__ import annotations
@@ -11,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,12 +33,13 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2
 
 from gateway.calls import Endpoint, build_endpoints
+from gateway.catalog import Catalog
 from gateway.contract import SERVICES
 from gateway.controlplane import ControlPlane
 from gateway.embedded import EmbeddedBroker
 from gateway.grpc_server import build_grpc_server
 from gateway.guard import Guard
-from gateway.memphis_adapter import MemphisBroker
+from gateway.memphis_adapter import RECONNECT_WAIT_S, MemphisBroker, parse_servers
 from gateway.rest import RestOptions, build_rest_app
 from gateway.servicers.auth import AuthService
 from gateway.servicers.consume import ConsumeService
@@ -35,6 +50,12 @@ from gateway.tokens import TokenService
 
 log = logging.getLogger("gateway")
 HEALTH_INTERVAL_S = 2.0
+# To become settings (gateway/settings.py): http_keepalive_s, http_send_timeout_s.
+HTTP_KEEPALIVE_S = 15.0  # close an HTTP connection idle this long (also one that never sends a request)
+HTTP_SEND_TIMEOUT_S = 30.0  # abort an HTTP connection whose response makes no progress this long
+SEND_CHECK_INTERVAL_S = 1.0
+CLOSE_BUDGET_S = 1.5  # after the drain: broker sessions, control plane, its connection (a third each)
+STOP_MARGIN_S = 1.9  # the whole stop takes at most drain_timeout_s + this (8 + 1.9 s by default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +79,7 @@ class Gateway:
         self._runner: web.AppRunner | None = None
         self._health = health.aio.HealthServicer()
         self._health_task: asyncio.Task[None] | None = None
+        self._send_task: asyncio.Task[None] | None = None
         self.ports: Ports | None = None
 
     async def start(self) -> Ports:
@@ -74,19 +96,11 @@ class Gateway:
         else:
             log.info("broker: external %s at %s", "NATS JetStream" if s.control_plane else "Memphis", broker_url)
         if s.answers_control_plane:
-            self.service_nc = await nats.connect(
-                broker_url,
-                user=f"{s.root_user}$1",
-                password=s.root_password,
-                name="memphis-gateway::control-plane",
-                connect_timeout=s.broker_timeout_s,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,
-                error_cb=_quiet_error,
-            )
-            self.control_plane = ControlPlane()
+            self.service_nc = await self._connect_control_plane(broker_url)
+            replicas = min(3, len(self.service_nc.servers))  # known + discovered cluster members
+            self.control_plane = ControlPlane(catalog=Catalog(kv_replicas=replicas), drain_s=CLOSE_BUDGET_S / 4)
             await self.control_plane.start(self.service_nc)
-            log.info("control plane: answering Memphis's $memphis_* requests")
+            log.info("control plane: answering Memphis's $memphis_* requests (catalog replicas: %d)", replicas)
         self.broker = MemphisBroker(
             broker_url, timeout_s=s.broker_timeout_s, idle_s=s.session_idle_s, service_nc=self.service_nc
         )
@@ -97,23 +111,103 @@ class Gateway:
             ConsumeService(self.broker, s.max_consume_batch, s.max_consume_wait_ms),
             MonitoringService(self.broker),
         ]
-        self.endpoints = build_endpoints(SERVICES, servicers, Guard(tokens))
+        guard = Guard(
+            tokens,
+            max_streams_per_principal=s.max_streams_per_user,
+            requests_per_s=s.rate_limit_rps,
+            bytes_per_s=s.rate_limit_bytes_per_s,
+        )
+        self.endpoints = build_endpoints(SERVICES, servicers, guard)
 
         self._grpc = build_grpc_server(self.endpoints, self._health, max_message_bytes=s.max_body_bytes)
         grpc_port = self._grpc.add_insecure_port(f"{s.host}:{s.grpc_port}")
         await self._grpc.start()
 
         app = build_rest_app(self.endpoints, self.rest_options())
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=s.drain_timeout_s)
+        # aiohttp waits shutdown_timeout for handlers, then (after cancelling only their body
+        # reads) up to shutdown_timeout again before cancelling them: half the drain each.
+        self._runner = web.AppRunner(
+            app, access_log=None, shutdown_timeout=s.drain_timeout_s / 2, keepalive_timeout=HTTP_KEEPALIVE_S
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, s.host, s.http_port, reuse_port=s.workers > 1)
         await site.start()
         http_port = self._runner.addresses[0][1]
 
         self._health_task = asyncio.create_task(self._watch_health())
+        self._send_task = asyncio.create_task(self._abort_stalled_sends())
         self.ports = Ports(http=http_port, grpc=grpc_port, broker_url=broker_url)
         log.info("listening: REST http://%s:%d, gRPC %s:%d", s.host, http_port, s.host, grpc_port)
         return self.ports
+
+    async def _connect_control_plane(self, broker_url: str) -> Any:
+        s = self.settings
+        servers = [f"nats://{host}:{port}" for host, port in parse_servers(broker_url)]
+        cp_log = logging.getLogger("gateway.broker")
+        down_since: list[float] = []
+
+        async def on_error(exc: Exception) -> None:
+            if not down_since:  # one line per outage, not one per reconnect attempt
+                cp_log.warning("control-plane connection: %s", exc or type(exc).__name__)
+
+        async def on_disconnected() -> None:
+            if not down_since and not nc.is_closed:
+                down_since.append(time.monotonic())
+                cp_log.warning("control-plane connection lost; reconnecting")
+
+        async def on_reconnected() -> None:
+            took = time.monotonic() - down_since.pop() if down_since else 0.0
+            cp_log.info("control-plane connection re-established after %.1f s", took)
+
+        nc = await nats.connect(
+            servers,
+            user=f"{s.root_user}$1",
+            password=s.root_password,
+            name="memphis-gateway::control-plane",
+            connect_timeout=s.broker_timeout_s,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=RECONNECT_WAIT_S,
+            error_cb=on_error,
+            disconnected_cb=on_disconnected,
+            reconnected_cb=on_reconnected,
+        )
+        return nc
+
+    async def _abort_stalled_sends(self) -> None:
+        """Abort HTTP connections whose write buffer has not shrunk for HTTP_SEND_TIMEOUT_S.
+
+        asyncio buffers whatever a response writes beyond what the socket takes; for a
+        client that stopped reading, that buffer (a whole consume batch) would stay forever,
+        and with it the handler and its connection."""
+        assert self._runner is not None
+        seen: dict[Any, tuple[int, float]] = {}  # handler -> (buffered bytes, last progress)
+        while True:
+            await asyncio.sleep(SEND_CHECK_INTERVAL_S)
+            server = self._runner.server
+            if server is None:
+                return
+            now = time.monotonic()
+            alive = set()
+            for handler in server.connections:
+                transport = handler.transport
+                size = transport.get_write_buffer_size() if transport is not None else 0
+                if not size:
+                    continue
+                alive.add(handler)
+                last = seen.get(handler)
+                if last is None or size < last[0]:
+                    seen[handler] = (size, now)
+                    continue
+                seen[handler] = (size, last[1])
+                if now - last[1] >= HTTP_SEND_TIMEOUT_S:
+                    peer = transport.get_extra_info("peername") if transport is not None else None
+                    log.info("HTTP client %s stopped reading (%d bytes unsent for %.0f s): connection aborted",
+                             peer, size, now - last[1])
+                    if transport is not None:
+                        transport.abort()
+                    alive.discard(handler)
+            for handler in set(seen) - alive:
+                del seen[handler]
 
     def rest_options(self) -> RestOptions:
         s = self.settings
@@ -141,28 +235,33 @@ class Gateway:
 
     async def stop(self) -> None:
         """Stop accepting, drain calls in flight (bounded), close everything in reverse order."""
+        started = time.monotonic()
         drain = self.settings.drain_timeout_s
-        if self._health_task is not None:
-            self._health_task.cancel()
+        for task in (self._health_task, self._send_task):
+            if task is not None:
+                task.cancel()
         await self._health.enter_graceful_shutdown()
+        if self.broker is not None:
+            self.broker.begin_drain()  # streams end; unary calls finish
         stops = []
         if self._grpc is not None:
             stops.append(self._grpc.stop(grace=drain))
         if self._runner is not None:
             stops.append(self._runner.cleanup())
         await asyncio.gather(*stops, return_exceptions=True)
+        drained = time.monotonic() - started
         if self.broker is not None:
-            await self.broker.close()
+            await self.broker.close(timeout_s=CLOSE_BUDGET_S / 3)
         if self.control_plane is not None:
             with contextlib.suppress(Exception):
-                await self.control_plane.stop()
+                async with asyncio.timeout(CLOSE_BUDGET_S / 3):
+                    await self.control_plane.stop()
         if self.service_nc is not None:
             with contextlib.suppress(Exception):
-                await self.service_nc.close()
+                async with asyncio.timeout(CLOSE_BUDGET_S / 3):
+                    await self.service_nc.close()
         if self.embedded is not None:
+            # SIGTERM, then SIGKILL once the stop budget is spent (JetStream survives a kill -9)
+            self.embedded.stop_timeout = max(0.5, drain + STOP_MARGIN_S - (time.monotonic() - started))
             await self.embedded.stop()
-        log.info("stopped")
-
-
-async def _quiet_error(exc: Exception) -> None:
-    logging.getLogger("gateway.broker").warning("control-plane connection: %s", exc or type(exc).__name__)
+        log.info("stopped (drain %.2f s, total %.2f s)", drained, time.monotonic() - started)

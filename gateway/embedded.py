@@ -20,6 +20,14 @@ Usage::
 
 Restarting on the same ``data_dir`` keeps the JetStream data; after a ``port=0`` start the
 chosen port is kept for later restarts, so clients can reconnect.
+
+A JetStream cluster on loopback (tests, demos) is several brokers with a ``ClusterSettings``
+each: the same cluster name, their own route port and store, routes to the others::
+
+    ports = [6222, 6223, 6224]
+    nodes = [EmbeddedBroker(data_dir=d / f"n{i}", port=0, server_name=f"n{i}",
+                            cluster=ClusterSettings(name="c", port=p, routes=ports))
+             for i, p in enumerate(ports)]
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BrokerError", "EmbeddedBroker", "find_nats_server"]
+__all__ = ["BrokerError", "ClusterSettings", "EmbeddedBroker", "find_nats_server"]
 
 HOST = "127.0.0.1"
 MAX_PAYLOAD = 8 * 1024 * 1024
@@ -66,6 +74,23 @@ def find_nats_server() -> str:
     return found
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClusterSettings:
+    """Membership of a JetStream cluster: its name, this node's route port, every node's route port."""
+
+    name: str
+    port: int  # this node's cluster (route) port, on HOST
+    routes: tuple[int, ...] | list[int] = ()  # route ports of the nodes (this node's own is skipped)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "host": HOST,
+            "port": self.port,
+            "routes": [f"nats-route://{HOST}:{p}" for p in self.routes if p != self.port],
+        }
+
+
 @dataclass(slots=True, kw_only=True, eq=False)
 class EmbeddedBroker:
     """A nats-server child process with JetStream, for one data directory."""
@@ -78,6 +103,8 @@ class EmbeddedBroker:
     users: Mapping[str, str] = field(default_factory=dict)  # more Memphis users: name -> password
     http_port: int | None = None  # monitoring endpoint; None: off, 0: any free port (kept for restarts)
     binary: str | None = None  # default: find_nats_server()
+    server_name: str = "memphis-gateway-embedded"  # unique per node in a cluster
+    cluster: ClusterSettings | None = None
     start_timeout: float = 15.0
     stop_timeout: float = 10.0
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
@@ -112,13 +139,15 @@ class EmbeddedBroker:
             users.append({"user": f"{name}${self.account_id}", "password": password})
             users.append({"user": name, "password": password})
         conf: dict[str, Any] = {
-            "server_name": "memphis-gateway-embedded",
+            "server_name": self.server_name,
             "host": HOST,
             "port": self.port if self.port > 0 else -1,
             "max_payload": MAX_PAYLOAD,
             "jetstream": {"store_dir": str(data_dir)},  # the server adds "/jetstream"
             "accounts": {"MEMPHIS": {"jetstream": "enabled", "users": users}},
         }
+        if self.cluster is not None:
+            conf["cluster"] = self.cluster.config()
         if self.http_port is not None:
             conf["http"] = f"{HOST}:{self.http_port if self.http_port > 0 else -1}"
         return conf
@@ -200,6 +229,17 @@ class EmbeddedBroker:
         proc = self._proc
         if proc is None:
             return
+        _kill(proc)
+
+    def terminate(self, wait_s: float = 0.5) -> None:
+        """Blocking: SIGTERM, up to ``wait_s`` for a clean exit, then SIGKILL (for an exit at once)."""
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(wait_s)
         _kill(proc)
 
 
