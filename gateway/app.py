@@ -13,10 +13,10 @@ Stop, step by step (SIGTERM; ``python -m gateway`` exits at once on a second one
 3. broker sessions, the control plane and its connection close, each bounded;
 4. the embedded nats-server gets SIGTERM (its store stays consistent).
 
-Slow and idle HTTP clients: a connection idle for HTTP_KEEPALIVE_S (also before its
-first request) is closed by aiohttp; one whose response makes no progress for
-HTTP_SEND_TIMEOUT_S (a client that stopped reading) is aborted, which frees the
-response buffered for it.
+Slow and idle HTTP clients: a connection idle for ``http_keepalive_s`` (also before
+its first request) is closed by aiohttp; one whose response makes no progress for
+``http_send_timeout_s`` (a client that stopped reading) is aborted, which frees the
+response buffered for it. Idle gRPC connections close after ``grpc_idle_s``.
 """
 
 from __future__ import annotations
@@ -26,9 +26,11 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from importlib.metadata import version
 from typing import Any
 
 import nats
+import orjson
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2
 
@@ -39,20 +41,19 @@ from gateway.controlplane import ControlPlane
 from gateway.embedded import EmbeddedBroker
 from gateway.grpc_server import build_grpc_server
 from gateway.guard import Guard
-from gateway.memphis_adapter import RECONNECT_WAIT_S, MemphisBroker, parse_servers
-from gateway.rest import RestOptions, build_rest_app
+from gateway.memphis_adapter import MemphisBroker
+from gateway.metrics import Metrics
+from gateway.rest import ExtraRoute, RestOptions, build_rest_app
 from gateway.servicers.auth import AuthService
 from gateway.servicers.consume import ConsumeService
 from gateway.servicers.monitoring import MonitoringService
 from gateway.servicers.produce import ProduceService
+from gateway.sessions import RECONNECT_WAIT_S, parse_servers
 from gateway.settings import Settings
 from gateway.tokens import TokenService
 
 log = logging.getLogger("gateway")
 HEALTH_INTERVAL_S = 2.0
-# To become settings (gateway/settings.py): http_keepalive_s, http_send_timeout_s.
-HTTP_KEEPALIVE_S = 15.0  # close an HTTP connection idle this long (also one that never sends a request)
-HTTP_SEND_TIMEOUT_S = 30.0  # abort an HTTP connection whose response makes no progress this long
 SEND_CHECK_INTERVAL_S = 1.0
 CLOSE_BUDGET_S = 1.5  # after the drain: broker sessions, control plane, its connection (a third each)
 STOP_MARGIN_S = 1.9  # the whole stop takes at most drain_timeout_s + this (8 + 1.9 s by default)
@@ -81,6 +82,7 @@ class Gateway:
         self._health_task: asyncio.Task[None] | None = None
         self._send_task: asyncio.Task[None] | None = None
         self.ports: Ports | None = None
+        self.metrics = Metrics()
 
     async def start(self) -> Ports:
         s = self.settings
@@ -117,9 +119,11 @@ class Gateway:
             requests_per_s=s.rate_limit_rps,
             bytes_per_s=s.rate_limit_bytes_per_s,
         )
-        self.endpoints = build_endpoints(SERVICES, servicers, guard)
+        self.endpoints = build_endpoints(SERVICES, servicers, guard, observer=self.metrics)
 
-        self._grpc = build_grpc_server(self.endpoints, self._health, max_message_bytes=s.max_body_bytes)
+        self._grpc = build_grpc_server(
+            self.endpoints, self._health, max_message_bytes=s.max_body_bytes, idle_s=s.grpc_idle_s
+        )
         grpc_port = self._grpc.add_insecure_port(f"{s.host}:{s.grpc_port}")
         await self._grpc.start()
 
@@ -127,7 +131,7 @@ class Gateway:
         # aiohttp waits shutdown_timeout for handlers, then (after cancelling only their body
         # reads) up to shutdown_timeout again before cancelling them: half the drain each.
         self._runner = web.AppRunner(
-            app, access_log=None, shutdown_timeout=s.drain_timeout_s / 2, keepalive_timeout=HTTP_KEEPALIVE_S
+            app, access_log=None, shutdown_timeout=s.drain_timeout_s / 2, keepalive_timeout=s.http_keepalive_s
         )
         await self._runner.setup()
         site = web.TCPSite(self._runner, s.host, s.http_port, reuse_port=s.workers > 1)
@@ -174,7 +178,7 @@ class Gateway:
         return nc
 
     async def _abort_stalled_sends(self) -> None:
-        """Abort HTTP connections whose write buffer has not shrunk for HTTP_SEND_TIMEOUT_S.
+        """Abort HTTP connections whose write buffer has not shrunk for ``http_send_timeout_s``.
 
         asyncio buffers whatever a response writes beyond what the socket takes; for a
         client that stopped reading, that buffer (a whole consume batch) would stay forever,
@@ -199,7 +203,7 @@ class Gateway:
                     seen[handler] = (size, now)
                     continue
                 seen[handler] = (size, last[1])
-                if now - last[1] >= HTTP_SEND_TIMEOUT_S:
+                if now - last[1] >= self.settings.http_send_timeout_s:
                     peer = transport.get_extra_info("peername") if transport is not None else None
                     log.info("HTTP client %s stopped reading (%d bytes unsent for %.0f s): connection aborted",
                              peer, size, now - last[1])
@@ -212,7 +216,10 @@ class Gateway:
     def rest_options(self) -> RestOptions:
         s = self.settings
         return RestOptions(
-            cors_origins=s.cors_origins, max_body_bytes=s.max_body_bytes, request_timeout_s=s.request_timeout_s
+            cors_origins=s.cors_origins,
+            max_body_bytes=s.max_body_bytes,
+            request_timeout_s=s.request_timeout_s,
+            extra_routes=(self.metrics.route(), root_route()),
         )
 
     async def _watch_health(self) -> None:
@@ -222,6 +229,7 @@ class Gateway:
             reason = await self.broker.health()
             state = health_pb2.HealthCheckResponse.SERVING if reason is None else \
                 health_pb2.HealthCheckResponse.NOT_SERVING
+            self.metrics.broker_up.set(1 if reason is None else 0)
             if state != last:
                 await self._health.set("", state)
                 for service in SERVICES:
@@ -265,3 +273,14 @@ class Gateway:
             self.embedded.stop_timeout = max(0.5, drain + STOP_MARGIN_S - (time.monotonic() - started))
             await self.embedded.stop()
         log.info("stopped (drain %.2f s, total %.2f s)", drained, time.monotonic() - started)
+
+
+def root_route() -> ExtraRoute:
+    """GET /: what this is and where to look next (the Memphis REST gateway answered here too)."""
+    body = orjson.dumps({"service": "memphis-gateway", "version": version("memphis-gateway"),
+                         "openapi": "/openapi.json", "metrics": "/metrics", "status": "/monitoring/status"})
+
+    async def handler(request: web.Request, params: dict[str, str]) -> web.StreamResponse:
+        return web.Response(body=body, content_type="application/json")
+
+    return ExtraRoute(method="GET", template="/", handler=handler)

@@ -52,7 +52,9 @@ class Broker(Protocol):
 
         Returns only once the broker stored every message that has no error."""
 
-    async def fetch(self, creds: Credentials, spec: ConsumerSpec, batch_size: int, max_wait_s: float) -> list[InMessage]:
+    async def fetch(
+        self, creds: Credentials, spec: ConsumerSpec, batch_size: int, max_wait_s: float
+    ) -> list[InMessage]:
         """Up to batch_size messages; early once batch_size are there, else after max_wait_s."""
 
     def subscribe(self, creds: Credentials, spec: ConsumerSpec, batch_size: int) -> AsyncIterator[list[InMessage]]:

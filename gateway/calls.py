@@ -184,7 +184,7 @@ def build_endpoints(
     observer: Observer | None = None,
 ) -> list[Endpoint]:
     """Bind every RPC of ``services`` to the servicer whose ``SERVICE`` names it."""
-    by_name = {getattr(s, "SERVICE"): s for s in servicers}
+    by_name = {s.SERVICE: s for s in servicers}  # type: ignore[attr-defined]
     endpoints = []
     for service in services:
         servicer = by_name.get(service.full_name)

@@ -79,14 +79,21 @@ def _handler(endpoint: Endpoint) -> grpc.RpcMethodHandler:
     return make(unary, request_deserializer=deserialize, response_serializer=serialize)
 
 
-def build_grpc_server(endpoints: Iterable[Endpoint], health_servicer: health.aio.HealthServicer | None = None,
-                      *, max_message_bytes: int) -> grpc.aio.Server:
+def build_grpc_server(
+    endpoints: Iterable[Endpoint],
+    health_servicer: health.aio.HealthServicer | None = None,
+    *,
+    max_message_bytes: int,
+    idle_s: float = 300.0,
+) -> grpc.aio.Server:
     endpoints = list(endpoints)
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.so_reuseport", 1),
         ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.max_connection_idle_ms", int(idle_s * 1000)),
         ("grpc.http2.max_pings_without_data", 0),
     ]
     server = grpc.aio.server(options=options)

@@ -32,7 +32,10 @@ class Settings:
     grpc_port: int = field(default=50051, metadata={"help": "gRPC port"})
     workers: int = field(default=1, metadata={"help": "gateway processes sharing the ports (SO_REUSEPORT)"})
     # Broker
-    broker: str = field(default="", metadata={"help": "Memphis or NATS address host:port; empty = embedded nats-server"})
+    broker: str = field(
+        default="",
+        metadata={"help": "Memphis or NATS address host:port (or h1:p1,h2:p2); empty = embedded nats-server"},
+    )
     broker_port: int = field(default=6666, metadata={"help": "client port of the embedded broker"})
     control_plane: bool = field(
         default=False,
@@ -47,7 +50,8 @@ class Settings:
     session_idle_s: float = field(default=300.0, metadata={"help": "close a user's broker connection unused this long"})
     # Tokens
     jwt_secret: str = field(
-        default="", metadata={"help": "HS256 secret shared by replicas; generated (with a warning) if empty", "secret": True}
+        default="",
+        metadata={"help": "HS256 secret shared by replicas; generated (with a warning) if empty", "secret": True},
     )
     token_expiry_min: int = field(default=15, metadata={"help": "default access token lifetime (minutes)"})
     refresh_token_expiry_min: int = field(default=300, metadata={"help": "default refresh token lifetime (minutes)"})
@@ -61,6 +65,11 @@ class Settings:
     max_streams_per_user: int = field(default=16, metadata={"help": "concurrent streaming calls per user"})
     rate_limit_rps: float = field(default=0.0, metadata={"help": "requests/s per user (0: off); 429 beyond"})
     rate_limit_bytes_per_s: float = field(default=0.0, metadata={"help": "request bytes/s per user (0: off)"})
+    http_keepalive_s: float = field(default=15.0, metadata={"help": "close idle HTTP connections after (s)"})
+    http_send_timeout_s: float = field(
+        default=30.0, metadata={"help": "abort an HTTP connection whose client reads nothing for this long (s)"}
+    )
+    grpc_idle_s: float = field(default=300.0, metadata={"help": "close idle gRPC connections after (s)"})
     drain_timeout_s: float = field(default=8.0, metadata={"help": "on SIGTERM, time given to calls in flight (s)"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
 
@@ -121,8 +130,11 @@ def _validate(s: Settings) -> None:
     for name in ("rate_limit_rps", "rate_limit_bytes_per_s"):
         if getattr(s, name) < 0:
             raise SettingsError(f"{name}: must be 0 (off) or positive")
-    positive = ("workers", "max_streams_per_user", "broker_timeout_s", "token_expiry_min", "refresh_token_expiry_min", "request_timeout_s",
-                "max_body_bytes", "max_batch_messages", "max_consume_batch", "max_consume_wait_ms", "session_idle_s")
+    positive = (
+        "workers", "max_streams_per_user", "broker_timeout_s", "token_expiry_min", "refresh_token_expiry_min",
+        "request_timeout_s", "max_body_bytes", "max_batch_messages", "max_consume_batch", "max_consume_wait_ms",
+        "session_idle_s", "http_keepalive_s", "http_send_timeout_s",
+    )
     for name in positive:
         if getattr(s, name) <= 0:
             raise SettingsError(f"{name}: must be positive")

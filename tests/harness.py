@@ -22,7 +22,6 @@ from memgw.v1 import (
 
 from gateway.app import Gateway
 from gateway.settings import Settings
-
 from tests.conftest import ROOT_PASSWORD, ROOT_USER
 
 JWT_SECRET = "test-secret-" + "x" * 40

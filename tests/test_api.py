@@ -60,7 +60,8 @@ async def test_authenticate_grpc_and_custom_expiry(gw: Clients) -> None:
 
 
 async def test_authenticate_account_id_in_query(gw: Clients) -> None:
-    status, body, _ = await gw.post("/auth/authenticate?accountId=1", {"username": ROOT_USER, "password": ROOT_PASSWORD})
+    creds = {"username": ROOT_USER, "password": ROOT_PASSWORD}
+    status, body, _ = await gw.post("/auth/authenticate?accountId=1", creds)
     assert status == 200, body
 
 
@@ -110,7 +111,7 @@ async def test_refresh_token_is_not_an_access_token(gw: Clients) -> None:
 async def test_missing_or_bad_token_is_401(gw: Clients) -> None:
     path = f"/stations/{station()}/produce/single"
     for token in (None, "garbage"):
-        status, body, headers = await gw.post(path, raw=b"x", token=token, headers={"Content-Type": "text/plain"})
+        status, body, _ = await gw.post(path, raw=b"x", token=token, headers={"Content-Type": "text/plain"})
         assert (status, body) == (401, {"message": "Unauthorized"})
     err = await grpc_error(gw.produce.ProduceSingle(produce_pb2.ProduceSingleRequest(station="a")))
     assert err.code() == grpc.StatusCode.UNAUTHENTICATED

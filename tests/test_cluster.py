@@ -260,7 +260,7 @@ async def test_node_loss_keeps_produce_and_consume_going(gw: Clients, cluster: l
     try:
         await asyncio.sleep(1.5)
         assert tally.acknowledged, tally.errors[:3]
-        session = next(iter(gw.gateway.broker._sessions.values()))
+        session = gw.gateway.broker.sessions()[0]
         connected = {session.nc.connected_url.port, gw.gateway.service_nc.connected_url.port}
         stream_leader, group_leader = await leaders(cluster, stream, "g-rest-gateway")
         spare = [n for n in cluster if n.port not in connected]

@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from tests.conftest import ROOT_PASSWORD, ROOT_USER, connect_root
 from memphis import Memphis
 from memphis.exceptions import MemphisError, MemphisSchemaError
 from memphis.types import Retention, Storage
@@ -22,6 +21,7 @@ from gateway.embedded import EmbeddedBroker
 from gateway.errors import InvalidArgument
 from gateway.names import internal_name, produce_subject, stream_name, validate_name
 from gateway.specs import GroupSpec
+from tests.conftest import ROOT_PASSWORD, ROOT_USER, connect_root
 
 Connect = Callable[[], Awaitable[Memphis]]
 

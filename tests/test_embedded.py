@@ -11,9 +11,9 @@ from pathlib import Path
 
 import nats
 import pytest
-from tests.conftest import ROOT_PASSWORD, ROOT_USER, connect_root
 
 from gateway.embedded import MAX_PAYLOAD, BrokerError, EmbeddedBroker, find_nats_server
+from tests.conftest import ROOT_PASSWORD, ROOT_USER, connect_root
 
 
 async def _stored_messages(broker: EmbeddedBroker, stream: str) -> int:

@@ -2,8 +2,8 @@
 
 A client that asks for a big consume batch (2000 messages of 10 KB) or a stream and then stops
 reading must not hold the gateway's memory: the response waits in asyncio's write buffer until
-the connection makes no progress for HTTP_SEND_TIMEOUT_S, then the connection is aborted and
-the buffer freed. Idle connections close after HTTP_KEEPALIVE_S. Other clients are served all
+the connection makes no progress for --http-send-timeout-s, then the connection is aborted and
+the buffer freed. Idle connections close after --http-keepalive-s. Other clients are served all
 along. Run with ``-s`` for the figures.
 """
 
@@ -26,17 +26,13 @@ import pytest
 
 from tests.harness import JWT_SECRET
 
-SEND_TIMEOUT_S = 3.0  # gateway.app.HTTP_SEND_TIMEOUT_S in the process under test (30 s by default)
-KEEPALIVE_S = 2.0  # gateway.app.HTTP_KEEPALIVE_S (15 s by default)
+SEND_TIMEOUT_S = 3.0  # --http-send-timeout-s in the process under test (30 s by default)
+KEEPALIVE_S = 2.0  # --http-keepalive-s (15 s by default)
 MESSAGES, MESSAGE_BYTES = 2000, 10_000
 STUCK_CLIENTS = 3
 MB = 1024 * 1024
 
-LAUNCH = (
-    "import sys, gateway.app as app;"
-    f"app.HTTP_SEND_TIMEOUT_S = {SEND_TIMEOUT_S}; app.HTTP_KEEPALIVE_S = {KEEPALIVE_S};"
-    "from gateway.__main__ import main; main(sys.argv[1:])"
-)
+TIMEOUT_FLAGS = ["--http-send-timeout-s", str(SEND_TIMEOUT_S), "--http-keepalive-s", str(KEEPALIVE_S)]
 
 
 def free_port() -> int:
@@ -69,7 +65,8 @@ def spawn(tmp: Path) -> Gateway:
     log = tmp / "gateway.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-c", LAUNCH, "serve", "--http-port", str(http), "--grpc-port", str(free_port()),
+            [sys.executable, "-m", "gateway", "serve", *TIMEOUT_FLAGS, "--http-port", str(http),
+             "--grpc-port", str(free_port()),
              "--broker-port", str(free_port()), "--data-dir", str(tmp / "data"), "--log-level", "WARNING"],
             stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "MEMPHIS_GATEWAY_JWT_SECRET": JWT_SECRET},
         )

@@ -1,0 +1,347 @@
+"""A user's broker connection (memphis-py) and the pool that keeps them.
+
+One ``Session`` per set of credentials: a memphis-py connection with its nats-py
+client, the user's producers (one route per station) and consumer groups, and the
+publishes in flight. The pool opens sessions on first use, replaces those nats-py
+closed for good, and closes idle ones.
+
+Broker faults (nats-py reconnects by itself, forever; MEMPHIS.md "Reconnect"):
+- while a session's connection is down, calls fail at once with UNAVAILABLE (503)
+  instead of buffering into nats-py's reconnect buffer;
+- calls in flight when the connection drops fail at once too: the session fails
+  the futures it tracks, and waits race its ``lost`` future;
+- memphis-py's connect (its ping connection retries forever with
+  max_reconnect=-1) is probed first and bounded by the broker timeout;
+- ``host1:port1,host2:port2``: a new session tries each server in turn; nats-py
+  then also learns the cluster's other servers from the one it reached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.message_factory import GetMessageClass
+from memphis import Memphis
+from memphis.exceptions import MemphisError
+
+from gateway.errors import Unauthenticated, Unavailable
+from gateway.publisher import Publisher
+from gateway.tokens import Credentials
+
+log = logging.getLogger("gateway.broker")
+T = TypeVar("T")
+
+RETRY_AFTER_S = 1.0
+RECONNECT_WAIT_S = 0.5  # between reconnect attempts to one server: the recovery delay after a restart
+DOWN_SHORT = "the connection to the broker is lost and being re-established"
+DOWN = f"broker unavailable: {DOWN_SHORT}; retry shortly"
+
+
+class ConnectionLost(Exception):
+    """Set on the publishes in flight when their connection drops."""
+
+
+@dataclass(slots=True, kw_only=True)
+class Route:
+    """Where one user's produce into one station goes."""
+
+    producer: Any  # memphis.Producer
+    subjects: dict[int, str]
+    rr: itertools.cycle[int]
+    schema_seen: Any = None  # the schema_updates_data entry the validator was built from
+
+
+@dataclass(slots=True, kw_only=True)
+class Group:
+    consumer: Any  # memphis.Consumer
+    subscriptions: list[Any]  # nats-py pull subscriptions, one per partition
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    next_partition: int = 0
+
+
+@dataclass(slots=True, kw_only=True)
+class Session:
+    memphis: Memphis
+    last_used: float
+    routes: dict[str, Route] = field(default_factory=dict)
+    groups: dict[tuple[str, str], Group] = field(default_factory=dict)
+    locks: dict[Any, asyncio.Lock] = field(default_factory=dict)
+    in_use: int = 0
+    label: str = ""
+    publisher: Publisher | None = None
+    _inflight: set[asyncio.Future[Any]] = field(default_factory=set)  # publishes awaiting their PubAck
+    _lost: asyncio.Future[None] | None = None
+    _down_since: float | None = None
+
+    @property
+    def nc(self) -> Any:
+        return self.memphis.broker_manager
+
+    @property
+    def js(self) -> Any:
+        return self.memphis.broker_connection
+
+    def lock(self, key: Any) -> asyncio.Lock:
+        return self.locks.setdefault(key, asyncio.Lock())
+
+    def lost(self) -> asyncio.Future[None]:
+        """A future resolved when the current connection drops (checked connected first)."""
+        if self._lost is None or self._lost.done():
+            self._lost = asyncio.get_running_loop().create_future()
+        return self._lost
+
+    def track(self, future: asyncio.Future[Any]) -> None:
+        """A publish to fail at once if the connection drops before its PubAck (else: its deadline)."""
+        self._inflight.add(future)
+        future.add_done_callback(self._inflight.discard)
+
+    def _fail_in_flight(self) -> None:
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)
+        for future in list(self._inflight):
+            if not future.done():
+                future.set_exception(ConnectionLost())
+
+    def watch(self) -> None:
+        """Replace memphis-py's callbacks (it prints) with ours: log, and fail calls in flight."""
+        nc = self.nc
+        nc._error_cb = self._on_error  # instead of nats-py's traceback printer
+        nc._disconnected_cb = self._on_disconnected
+        nc._reconnected_cb = self._on_reconnected
+        nc._closed_cb = self._on_closed
+
+    async def _on_disconnected(self) -> None:
+        self._fail_in_flight()
+        if self._down_since is None and not self.nc.is_closed:
+            self._down_since = time.monotonic()
+            log.warning("broker connection of %s lost; reconnecting", self.label)
+
+    async def _on_reconnected(self) -> None:
+        down = time.monotonic() - self._down_since if self._down_since is not None else 0.0
+        self._down_since = None
+        url = self.nc.connected_url
+        log.info("broker connection of %s re-established to %s after %.1f s", self.label,
+                 url.netloc if url is not None else "?", down)
+
+    async def _on_error(self, exc: Exception) -> None:
+        if self._down_since is None:  # while reconnecting, one line per outage is enough
+            log.warning("broker connection of %s: %s", self.label, type(exc).__name__ if not str(exc) else exc)
+        else:
+            log.debug("broker connection of %s: %s", self.label, exc)
+
+    async def _on_closed(self) -> None:
+        self._fail_in_flight()
+
+
+class SessionPool:
+    """The open sessions, one per credentials."""
+
+    def __init__(self, url: str, *, timeout_s: float, idle_s: float) -> None:
+        self._servers = parse_servers(url)
+        self._host, self._port = self._servers[0]
+        self._timeout = timeout_s
+        self._idle = idle_s
+        self._sessions: dict[Credentials, Session] = {}
+        self._connecting: dict[Credentials, asyncio.Lock] = {}
+        self._reaper: asyncio.Task[None] | None = None
+
+    def all(self) -> list[Session]:
+        return list(self._sessions.values())
+
+    async def get(self, creds: Credentials) -> Session:
+        session = self._sessions.get(creds)
+        if session is not None and usable(session):
+            session.last_used = time.monotonic()
+            return session
+        async with self._connecting.setdefault(creds, asyncio.Lock()):
+            session = self._sessions.get(creds)
+            if session is None or not usable(session):
+                if session is not None:  # closed for good (nats-py gave up): replace it
+                    del self._sessions[creds]
+                    await close_session(session)
+                session = Session(memphis=await self._connect(creds), last_used=time.monotonic(),
+                                   label=creds.username)
+                session.watch()
+                self._sessions[creds] = session
+                if self._reaper is None:
+                    self._reaper = asyncio.create_task(self._reap_idle())
+        return session
+
+    async def _connect(self, creds: Credentials) -> Memphis:
+        """A memphis-py connection for ``creds``: each configured server in turn, each within the timeout."""
+        reasons = []
+        for host, port in self._servers:
+            if (why := await probe(host, port, min(self._timeout, 2.0))) is not None:
+                reasons.append(f"{host}:{port} ({why})")  # memphis-py would retry (and print) forever
+                continue
+            m = Memphis()
+            try:
+                async with asyncio.timeout(self._timeout):  # its ping connection would retry forever
+                    await m.connect(
+                        host=host,
+                        port=port,
+                        username=creds.username,
+                        account_id=creds.account_id,
+                        password=creds.password,
+                        connection_token=creds.connection_token,
+                        timeout_ms=int(self._timeout * 1000),
+                        reconnect=True,
+                        max_reconnect=-1,
+                        reconnect_interval_ms=int(RECONNECT_WAIT_S * 1000),
+                    )
+            except MemphisError as exc:
+                await abandon(m)
+                text = str(exc).lower()
+                if "authorization" in text or "authentication" in text:
+                    raise Unauthenticated(f"broker refused {creds.username}") from None
+                reasons.append(f"{host}:{port}")
+                continue
+            except TimeoutError:
+                await abandon(m)
+                reasons.append(f"{host}:{port} (no answer within {self._timeout:g} s)")
+                continue
+            m.parse_descriptor = lambda station, m=m: parse_descriptor(m, station)  # B9
+            log.info("broker connection opened for %s to %s:%d", creds.username, host, port)
+            return m
+        raise Unavailable(f"broker unavailable: cannot connect to {', '.join(reasons)}; retry shortly",
+                          retry_after=RETRY_AFTER_S)
+
+    async def _reap_idle(self) -> None:
+        while True:
+            await asyncio.sleep(min(30.0, self._idle / 2))
+            now = time.monotonic()
+            for creds, session in list(self._sessions.items()):
+                if session.in_use == 0 and now - session.last_used > self._idle:
+                    del self._sessions[creds]
+                    await close_session(session)
+                    log.info("idle broker connection closed for %s", creds.username)
+
+    async def close(self, timeout_s: float = 2.0) -> None:
+        """Close every session, giving up after ``timeout_s`` (a dead broker must not hold the exit)."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+        sessions, self._sessions = list(self._sessions.values()), {}
+        if not sessions:
+            return
+        closing = [asyncio.ensure_future(close_session(s)) for s in sessions]
+        _, late = await asyncio.wait(closing, timeout=timeout_s)
+        for task in late:
+            task.cancel()
+        if late:
+            log.warning("%d broker connections did not close within %g s", len(late), timeout_s)
+
+
+def parse_servers(url: str) -> list[tuple[str, int]]:
+    """``nats://h1:p1,h2:p2`` (scheme optional, default port 6666) as (host, port) pairs."""
+    servers = []
+    for part in url.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        parts = urlsplit(part if "://" in part else f"nats://{part}")
+        host = parts.hostname or "127.0.0.1"
+        servers.append(("127.0.0.1" if host == "localhost" else host, parts.port or 6666))  # localhost: +1 s
+    return servers or [("127.0.0.1", 6666)]
+
+
+async def unless_lost(call: Awaitable[T], lost: asyncio.Future[None]) -> T:
+    """``await call``, or Unavailable as soon as the connection drops (nats-py would wait out its timeout)."""
+    task = asyncio.ensure_future(call)
+    try:
+        await asyncio.wait((task, lost), return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # our caller gave up
+        abandon_task(task)
+        raise
+    if not task.done():
+        abandon_task(task)
+        raise Unavailable(DOWN, retry_after=RETRY_AFTER_S)
+    return task.result()
+
+
+def abandon_task(task: asyncio.Future[Any]) -> None:
+    """Cancel, and retrieve whatever it ends with (nats-py may turn the cancellation into an error)."""
+    task.cancel()
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+
+async def ping(nc: Any, seconds: float, lost: asyncio.Future[None] | None = None) -> bool:
+    """PING, and whether the PONG came within ``seconds`` (and before ``lost``).
+
+    Instead of nats-py's flush(): on a timeout or a cancellation it cancels its PONG future,
+    still queued, and the late PONG then raises InvalidStateError in the connection's read
+    loop, which drops the connection. This PONG future is never cancelled."""
+    if not nc.is_connected:
+        return False
+    pong: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    try:
+        await nc._send_ping(pong)
+    except Exception:
+        return False
+    waits: tuple[asyncio.Future[Any], ...] = (pong,) if lost is None else (pong, lost)
+    await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    return pong.done()
+
+
+async def probe(host: str, port: int, seconds: float) -> str | None:
+    """None when a NATS server answers at host:port, else why not (refused, silent, not NATS)."""
+    try:
+        async with asyncio.timeout(seconds):
+            reader, writer = await asyncio.open_connection(host, port)
+            try:
+                line = await reader.readline()
+            finally:
+                writer.close()
+    except TimeoutError:
+        return f"no answer within {seconds:g} s"
+    except ConnectionRefusedError:
+        return "connection refused"
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    return None if line.startswith(b"INFO ") else "not a NATS server"
+
+
+def usable(session: Session) -> bool:
+    """Connected or reconnecting; a connection nats-py closed for good is replaced."""
+    return bool(session.memphis.is_connection_active) and not session.nc.is_closed
+
+
+async def abandon(m: Memphis) -> None:
+    """Close what a failed or timed-out memphis-py connect left open."""
+    nc = getattr(m, "broker_manager", None)
+    if nc is not None:
+        with contextlib.suppress(Exception):
+            await nc.close()
+
+
+async def close_session(session: Session) -> None:
+    for group in session.groups.values():  # B7: close() leaves these running
+        for task in (group.consumer.t_ping, group.consumer.t_dls, group.consumer.t_consume):
+            if task is not None:
+                task.cancel()
+    if session.publisher is not None:
+        await session.publisher.close()
+    with contextlib.suppress(Exception):
+        await session.memphis.close()
+
+
+def parse_descriptor(m: Memphis, station: str) -> None:
+    """memphis-py's parse_descriptor with protobuf >= 6's GetMessageClass (B9)."""
+    active = m.schema_updates_data[station]["active_version"]
+    desc_set = descriptor_pb2.FileDescriptorSet()
+    desc_set.ParseFromString(base64.b64decode(active["descriptor"]))
+    pool = descriptor_pool.DescriptorPool()
+    for file in desc_set.file:
+        pool.Add(file)
+    package = desc_set.file[0].package
+    name = f"{package}.{active['message_struct_name']}" if package else active["message_struct_name"]
+    m.proto_msgs[station] = GetMessageClass(pool.FindMessageTypeByName(name))()
