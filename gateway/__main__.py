@@ -11,6 +11,7 @@ import signal
 import sys
 
 from gateway import settings as config
+from gateway import workers
 from gateway.app import Gateway
 
 log = logging.getLogger("gateway")
@@ -88,6 +89,12 @@ def main(argv: list[str] | None = None) -> None:
             "and replicas will not accept each other's tokens (set MEMPHIS_GATEWAY_JWT_SECRET)"
         )
     log.info("settings: %s", {k: str(v) for k, v in settings.redacted().items()})
+    if settings.workers > 1 and not workers.is_worker():
+        try:
+            workers.check(settings)
+        except config.SettingsError as exc:
+            sys.exit(f"memphis-gateway: configuration error: {exc}")
+        sys.exit(asyncio.run(workers.supervise(settings)))
     try:
         import uvloop
     except ImportError:  # pragma: no cover

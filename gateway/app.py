@@ -43,6 +43,7 @@ from gateway.grpc_server import build_grpc_server
 from gateway.guard import Guard
 from gateway.memphis_adapter import MemphisBroker
 from gateway.metrics import Metrics
+from gateway.openapi import openapi_route
 from gateway.rest import ExtraRoute, RestOptions, build_rest_app
 from gateway.servicers.auth import AuthService
 from gateway.servicers.consume import ConsumeService
@@ -219,7 +220,7 @@ class Gateway:
             cors_origins=s.cors_origins,
             max_body_bytes=s.max_body_bytes,
             request_timeout_s=s.request_timeout_s,
-            extra_routes=(self.metrics.route(), root_route()),
+            extra_routes=(self.metrics.route(), root_route(), openapi_route(self.endpoints)),
         )
 
     async def _watch_health(self) -> None:

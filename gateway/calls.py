@@ -71,6 +71,11 @@ class Guard(Protocol):
 
     async def admit(self, endpoint: Endpoint, ctx: CallContext) -> None: ...
 
+    @property
+    def meters_bytes(self) -> bool: ...
+
+    def charge(self, ctx: CallContext, nbytes: int) -> None: ...
+
     def release(self, endpoint: Endpoint, ctx: CallContext) -> None: ...
 
 
@@ -102,9 +107,17 @@ class Endpoint:
         return bool(self.method.server_streaming)
 
 
-    async def unary(self, request: Message, ctx: CallContext) -> Message:
+    async def unary(self, request: Any, ctx: CallContext) -> Message:
         """Unary and client-streaming calls (request is an async iterator for the latter)."""
+        if self.client_streaming and self.guard.meters_bytes:
+            request = self._metered(request, ctx)
         return await self._run(ctx, lambda: self.handler(request, ctx))
+
+    async def _metered(self, frames: AsyncIterator[Message], ctx: CallContext) -> AsyncIterator[Message]:
+        """A client stream whose frames are charged to the caller's bytes/s limit as they arrive."""
+        async for frame in frames:
+            self.guard.charge(ctx, frame.ByteSize())
+            yield frame
 
     async def server_stream(self, request: Message, ctx: CallContext) -> AsyncIterator[Message]:
         started = time.monotonic()

@@ -32,7 +32,10 @@ class Guard:
         if endpoint.public:
             return
         try:
-            ctx.principal, _ = self._tokens.verify(bearer(ctx.metadata.get("authorization")), ACCESS)
+            token = bearer(ctx.metadata.get("authorization"))
+            if not token.isascii():  # a JWT is base64url; non-UTF-8 header bytes would not even encode
+                raise Unauthenticated("not a JWT")
+            ctx.principal, _ = self._tokens.verify(token, ACCESS)
         except Unauthenticated as exc:
             log.info("refused %s %s from %s: %s", ctx.protocol, endpoint.full_name, ctx.peer or "-", exc.reason)
             raise
@@ -50,6 +53,18 @@ class Guard:
             wait = self._bytes.take(session, ctx.request_bytes)
         if wait:
             ctx.principal = None  # nothing to release
+            raise ResourceExhausted(f"rate limit exceeded; retry in {wait:.2f} s", retry_after=wait)
+
+    @property
+    def meters_bytes(self) -> bool:
+        return self._bytes is not None
+
+    def charge(self, ctx: CallContext, nbytes: int) -> None:
+        """Charge one frame of a client stream to the caller's bytes/s budget."""
+        if self._bytes is None or ctx.principal is None:
+            return
+        wait = self._bytes.take(ctx.principal.session, nbytes)
+        if wait:
             raise ResourceExhausted(f"rate limit exceeded; retry in {wait:.2f} s", retry_after=wait)
 
     def release(self, endpoint: Endpoint, ctx: CallContext) -> None:

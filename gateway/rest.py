@@ -20,6 +20,7 @@ client sends yields a 500.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import re
@@ -30,7 +31,7 @@ from typing import Any
 
 import grpc
 import orjson
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import HttpProcessingError
 from google.protobuf.message import Message
 from memgw.v1 import options_pb2
@@ -58,6 +59,7 @@ _NOT_BOUND = frozenset(
 )  # fmt: skip
 _GRPC_TIMEOUT = re.compile(r"([0-9]{1,8})([HMSmun])")
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+_GONE_CHECK_S = 0.5  # how often a REST stream waiting for its next message checks its client is there
 _MESSAGE = options_pb2.ERROR_BODY_MESSAGE
 _SUCCESS_FLAG = options_pb2.ERROR_BODY_SUCCESS_FLAG
 
@@ -112,6 +114,13 @@ def error_response(err: GatewayError, shape: int, headers: dict[str, str] | None
     return web.Response(status=err.http_status, body=error_body(err, shape), headers=out)
 
 
+def _malformed(exc: Exception) -> InvalidArgument:
+    """A body aiohttp could not read; its RequestPayloadError wraps the parser's HttpProcessingError."""
+    cause = exc if isinstance(exc, HttpProcessingError) else exc.__cause__
+    why = cause.message if isinstance(cause, HttpProcessingError) else "it cannot be read"
+    return InvalidArgument(f"malformed request body: {why}")
+
+
 def _too_large(limit: int) -> InvalidArgument:
     return InvalidArgument(f"request body too large (limit {limit} bytes)", http_status=413)
 
@@ -133,6 +142,9 @@ def _headers(
     first: dict[str, str] = {}
     for key, value in request.headers.items():
         lower = key.lower()
+        if not (key.isascii() and value.isascii()) and lower != "authorization" and not _is_utf8(key + value):
+            # aiohttp keeps non-UTF-8 bytes as lone surrogates, which no proto string field takes
+            raise InvalidArgument(f"header {key.encode(errors='replace').decode()!r}: not UTF-8")
         if lower in md:
             md[lower] = f"{md[lower]}, {value}"
         else:
@@ -151,6 +163,14 @@ def _headers(
         if token:
             md["authorization"] = f"Bearer {token}"
     return md, out
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _deadline(metadata: Mapping[str, str], default: float | None) -> float | None:
@@ -193,8 +213,8 @@ async def _ndjson_lines(request: web.Request, limit: int) -> AsyncIterator[bytes
     while True:
         try:
             chunk = await content.readany()
-        except HttpProcessingError as exc:  # reaches the servicer: must be a GatewayError
-            raise InvalidArgument(f"malformed request body: {exc.message}") from None
+        except (HttpProcessingError, web.RequestPayloadError) as exc:  # reaches the servicer: a GatewayError
+            raise _malformed(exc) from None
         except ConnectionError:
             raise GatewayError("client went away", code=grpc.StatusCode.CANCELLED) from None
         if not chunk:
@@ -375,8 +395,8 @@ class _Transcoder:
                 if err.http_status == 413:
                     resp.force_close()  # close rather than read the rest of the body
                 return resp
-            except HttpProcessingError as exc:  # a malformed body (bad chunking, bad gzip, ...)
-                return error_response(InvalidArgument(f"malformed request body: {exc.message}"), shape, cors)
+            except (HttpProcessingError, web.RequestPayloadError) as exc:  # bad chunking, bad gzip, ...
+                return error_response(_malformed(exc), shape, cors)
             except (ConnectionResetError, web.HTTPException):
                 raise
             except Exception as exc:
@@ -394,7 +414,7 @@ class _Transcoder:
         resp: web.StreamResponse | None = None
         try:
             try:
-                first: Message | None = await anext(stream)
+                first: Message | None = await _next_unless_gone(stream, request)
             except StopAsyncIteration:
                 first = None
             headers = {**cors, "Content-Type": "application/octet-stream" if b.raw_response else NDJSON}
@@ -408,7 +428,7 @@ class _Transcoder:
                     while True:
                         data = encode(item)[0]
                         await resp.write(data if b.raw_response else b'{"result":' + data + b"}\n")
-                        item = await anext(stream)
+                        item = await _next_unless_gone(stream, request)
                 except StopAsyncIteration:
                     pass
                 except GatewayError as err:
@@ -423,6 +443,29 @@ class _Transcoder:
             return resp
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def _next_unless_gone(stream: AsyncIterator[Message], request: web.Request) -> Message:
+    """The stream's next message, or ConnectionResetError once the client has gone away.
+
+    aiohttp does not cancel the handler of a client that disconnected, and a stream with nothing
+    to send never writes, so it would never notice: it would hold its broker fetches and the
+    principal's stream slot for good. The transport is checked every _GONE_CHECK_S instead."""
+    step = asyncio.ensure_future(anext(stream))
+    try:
+        while True:
+            done, _ = await asyncio.wait((step,), timeout=_GONE_CHECK_S)
+            if done:
+                return step.result()
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                raise ConnectionResetError("the client went away")
+    finally:
+        if not step.done():
+            step.cancel()  # the servicer stops, and the Guard releases the stream slot
+            await asyncio.wait((step,))
+        if not step.cancelled():
+            step.exception()  # retrieved: never "Task exception was never retrieved"
 
 
 def _encoder(b: Binding) -> Callable[[Message], tuple[bytes, str]]:
@@ -446,5 +489,22 @@ def build_rest_app(endpoints: list[Endpoint], options: RestOptions | None = None
     options = options or RestOptions()
     transcoder = _Transcoder(endpoints, options)
     app = web.Application(client_max_size=options.max_body_bytes + 1)
-    app.router.add_route("*", "/{tail:.*}", transcoder.handle)
+    # [\s\S]: "." would not match a %0A in the (decoded) path, and aiohttp would answer a text 404
+    app.router.add_route("*", r"/{tail:[\s\S]*}", transcoder.handle, expect_handler=_expect)
     return app
+
+
+async def _expect(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue`` as aiohttp does; any other expectation 417 in JSON.
+
+    aiohttp's own handler echoes the header into a text/plain 417, and answers 500 when the value
+    holds non-UTF-8 bytes."""
+    if request.version != HttpVersion11:
+        return None
+    if request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the body has not started
+        return None
+    err = GatewayError("Expectation Failed: only 100-continue is supported", http_status=417,
+                       code=grpc.StatusCode.FAILED_PRECONDITION)
+    return error_response(err, 0)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+import nats
 from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.message_factory import GetMessageClass
 from memphis import Memphis
@@ -184,6 +185,8 @@ class SessionPool:
             if (why := await probe(host, port, min(self._timeout, 2.0))) is not None:
                 reasons.append(f"{host}:{port} ({why})")  # memphis-py would retry (and print) forever
                 continue
+            if creds.connection_token:  # memphis-py has no ping connection for tokens: it would retry
+                await check_token(host, port, creds, self._timeout)  # a refused token forever
             m = Memphis()
             try:
                 async with asyncio.timeout(self._timeout):  # its ping connection would retry forever
@@ -290,6 +293,22 @@ async def ping(nc: Any, seconds: float, lost: asyncio.Future[None] | None = None
     waits: tuple[asyncio.Future[Any], ...] = (pong,) if lost is None else (pong, lost)
     await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
     return pong.done()
+
+
+async def check_token(host: str, port: int, creds: Credentials, seconds: float) -> None:
+    """Unauthenticated if the broker refuses the connection token (one attempt, no reconnects)."""
+
+    async def quiet(_exc: Exception) -> None:
+        return None
+
+    try:
+        nc = await nats.connect(f"nats://{host}:{port}", token=creds.connection_token, allow_reconnect=False,
+                                connect_timeout=seconds, max_reconnect_attempts=0, error_cb=quiet)
+    except Exception as exc:
+        if "authorization" in str(exc).lower():
+            raise Unauthenticated(f"broker refused the connection token of {creds.username}") from None
+        return  # anything else: memphis-py's own connect reports it
+    await nc.close()
 
 
 async def probe(host: str, port: int, seconds: float) -> str | None:

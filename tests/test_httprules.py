@@ -209,6 +209,11 @@ def message_class(name: str) -> Any:
 
 class AdmitAll:
     """A Guard that admits every call."""
+    meters_bytes = False
+
+    def charge(self, ctx: CallContext, nbytes: int) -> None:
+        return None
+
 
     async def admit(self, endpoint: Endpoint, ctx: CallContext) -> None:
         return None

@@ -51,6 +51,11 @@ EchoResponse = message_class("EchoResponse")
 
 
 class TokenGuard:
+    meters_bytes = False
+
+    def charge(self, ctx: CallContext, nbytes: int) -> None:
+        return None
+
     async def admit(self, endpoint: Endpoint, ctx: CallContext) -> None:
         if not endpoint.public and ctx.metadata.get("authorization") != f"Bearer {TOKEN}":
             raise Unauthenticated("no or bad token")

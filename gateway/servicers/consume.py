@@ -55,8 +55,12 @@ class ConsumeService:
         self, request: consume_pb2.ConsumeBatchRequest, ctx: CallContext
     ) -> consume_pb2.ConsumeBatchResponse:
         spec = consumer_spec(request.station, request.consumer_name, request.consumer_group, request.ack_mode)
-        batch = self._batch_size(request.batch_size if request.HasField("batch_size") else DEFAULT_BATCH)
-        wait_ms = request.batch_max_wait_time_ms if request.HasField("batch_max_wait_time_ms") else DEFAULT_WAIT_MS
+        batch = self._batch_size(
+            request.batch_size if request.HasField("batch_size") else min(DEFAULT_BATCH, self._max_batch)
+        )
+        # The default is capped by the limit: only a wait the client asked for can be refused.
+        wait_ms = (request.batch_max_wait_time_ms if request.HasField("batch_max_wait_time_ms")
+                   else min(DEFAULT_WAIT_MS, self._max_wait_ms))
         if wait_ms > self._max_wait_ms:
             raise InvalidArgument(f"batch_max_wait_time_ms must be at most {self._max_wait_ms}")
         wait_s = max(wait_ms, 1) / 1000
@@ -79,7 +83,9 @@ class ConsumeService:
         self, request: consume_pb2.SubscribeRequest, ctx: CallContext
     ) -> AsyncIterator[consume_pb2.SubscribeResponse]:
         spec = consumer_spec(request.station, request.consumer_name, request.consumer_group, request.ack_mode)
-        batch = self._batch_size(request.batch_size if request.HasField("batch_size") else DEFAULT_STREAM_BATCH)
+        batch = self._batch_size(
+            request.batch_size if request.HasField("batch_size") else min(DEFAULT_STREAM_BATCH, self._max_batch)
+        )
         async for messages in self._broker.subscribe(ctx.require_principal().credentials, spec, batch):
             yield consume_pb2.SubscribeResponse(messages=consumed(messages))
 

@@ -1,0 +1,80 @@
+"""``--workers N``: N gateway processes sharing the REST and gRPC ports (SO_REUSEPORT).
+
+The supervisor (this process) starts the embedded broker when there is no
+``--broker``, then N children running ``memphis-gateway serve`` against it with
+the same settings, the same JWT secret (through the environment, never the
+command line) and the control plane answered by all of them (a NATS queue
+group: one answers each request). The kernel spreads connections over the
+children. SIGTERM/SIGINT are passed on; the supervisor exits when they have.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from gateway.embedded import EmbeddedBroker
+from gateway.settings import ENV_PREFIX, Settings, SettingsError
+
+log = logging.getLogger("gateway.workers")
+WORKER_ENV = ENV_PREFIX + "WORKER"  # set in children: they serve, they do not supervise
+
+
+def is_worker() -> bool:
+    return WORKER_ENV in os.environ
+
+
+def check(settings: Settings) -> None:
+    if settings.http_port == 0 or settings.grpc_port == 0:
+        raise SettingsError("workers: --workers > 1 needs fixed --http-port and --grpc-port (not 0)")
+
+
+def child_environment(settings: Settings, broker_url: str, index: int) -> dict[str, str]:
+    env = dict(os.environ)
+    for name, value in settings.redacted().items():  # redacted: secrets are set below, explicitly
+        env[ENV_PREFIX + name.upper()] = ",".join(value) if isinstance(value, tuple) else str(value)
+    env[ENV_PREFIX + "BROKER"] = broker_url
+    env[ENV_PREFIX + "CONTROL_PLANE"] = str(settings.answers_control_plane).lower()
+    env[ENV_PREFIX + "ROOT_PASSWORD"] = settings.root_password
+    env[ENV_PREFIX + "JWT_SECRET"] = settings.jwt_secret
+    env[WORKER_ENV] = str(index)
+    return env
+
+
+async def supervise(settings: Settings) -> int:
+    check(settings)
+    embedded = None
+    broker_url = settings.broker
+    if settings.embedded:
+        embedded = EmbeddedBroker(
+            data_dir=settings.data_dir, port=settings.broker_port,
+            root_user=settings.root_user, root_password=settings.root_password,
+        )
+        await embedded.start()
+        broker_url = embedded.url
+        log.info("broker: embedded nats-server pid %s at %s, shared by %d workers", embedded.pid, broker_url,
+                 settings.workers)
+    children = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "serve", env=child_environment(settings, broker_url, i)
+        )
+        for i in range(settings.workers)
+    ]
+    log.info("workers: %s", ", ".join(str(c.pid) for c in children))
+    loop = asyncio.get_running_loop()
+
+    def forward(signum: int) -> None:
+        for child in children:
+            if child.returncode is None:
+                child.send_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, forward, signum)
+    codes = await asyncio.gather(*(c.wait() for c in children))
+    if embedded is not None:
+        await embedded.stop()
+    log.info("workers exited: %s", codes)
+    return 0 if all(code == 0 for code in codes) else 1
