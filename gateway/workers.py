@@ -44,6 +44,14 @@ def child_environment(settings: Settings, broker_url: str, index: int) -> dict[s
     return env
 
 
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the supervisor dies, however it dies (Linux prctl)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 async def supervise(settings: Settings) -> int:
     check(settings)
     embedded = None
@@ -59,7 +67,8 @@ async def supervise(settings: Settings) -> int:
                  settings.workers)
     children = [
         await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "serve", env=child_environment(settings, broker_url, i)
+            sys.executable, "-m", "gateway", "serve", env=child_environment(settings, broker_url, i),
+            preexec_fn=_die_with_parent,
         )
         for i in range(settings.workers)
     ]

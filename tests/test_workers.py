@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import signal
 import subprocess
@@ -16,49 +17,47 @@ from tests.test_cli import free_port, wait_http
 
 
 def test_two_workers_both_serve(tmp_path: Path) -> None:
-    http, grpc_port, broker = free_port(), free_port(), free_port()
+    port, grpc_port, broker = free_port(), free_port(), free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--workers", "2", "--http-port", str(http),
+        [sys.executable, "-m", "gateway", "serve", "--workers", "2", "--http-port", str(port),
          "--grpc-port", str(grpc_port), "--broker-port", str(broker), "--data-dir", str(tmp_path / "data"),
          "--log-level", "WARNING"],
     )
     try:
-        status, _ = wait_http(f"http://127.0.0.1:{http}/monitoring/status", 30)
+        status, _ = wait_http(f"http://127.0.0.1:{port}/monitoring/status", 30)
         assert status == 200
         supervisor = psutil.Process(proc.pid)
         deadline = time.monotonic() + 20
         while True:  # both workers listening
             workers = [c for c in supervisor.children() if "gateway" in " ".join(c.cmdline())]
             listening = {w.pid for w in workers
-                         if any(c.status == psutil.CONN_LISTEN and c.laddr.port == http for c in w.net_connections())}
+                         if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in w.net_connections())}
             if len(listening) == 2 or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
         assert len(listening) == 2, f"workers listening: {listening}"
         # Hold 24 connections open, each having served a request, and see who holds them.
-        import http.client
-
         conns = []
         for _ in range(24):
-            conn = http.client.HTTPConnection("127.0.0.1", http, timeout=10)
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
             conn.request("POST", "/auth/authenticate", body=json.dumps({"username": "root", "password": "memphis"}),
                          headers={"Content-Type": "application/json"})
             resp = conn.getresponse()
             assert resp.status == 200 and json.loads(resp.read())["jwt"]
             conns.append(conn)
         served_by = {w.pid: sum(1 for c in w.net_connections() if c.status == psutil.CONN_ESTABLISHED
-                                and c.laddr.port == http) for w in workers}
+                                and c.laddr.port == port) for w in workers}
         print(f"\n  connections per worker: {served_by}")
         assert all(n > 0 for n in served_by.values()), served_by
         for conn in conns:
             conn.close()
         # a token issued by one worker is accepted by the other (same secret)
         token = json.loads(urllib.request.urlopen(urllib.request.Request(
-            f"http://127.0.0.1:{http}/auth/authenticate", method="POST",
+            f"http://127.0.0.1:{port}/auth/authenticate", method="POST",
             data=json.dumps({"username": "root", "password": "memphis"}).encode(),
             headers={"Content-Type": "application/json"}), timeout=10).read())["jwt"]
         for _ in range(8):
-            req = urllib.request.Request(f"http://127.0.0.1:{http}/stations/w/produce/single", method="POST",
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/stations/w/produce/single", method="POST",
                                          data=b"x", headers={"Content-Type": "text/plain",
                                                              "Authorization": f"Bearer {token}"})
             assert urllib.request.urlopen(req, timeout=10).status == 200
@@ -67,5 +66,7 @@ def test_two_workers_both_serve(tmp_path: Path) -> None:
         assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
     finally:
         if proc.poll() is None:
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                child.kill()
             proc.kill()
             proc.wait()
