@@ -10,8 +10,8 @@ import os
 import signal
 import sys
 
+from gateway import logs, workers
 from gateway import settings as config
-from gateway import workers
 from gateway.app import Gateway
 
 log = logging.getLogger("gateway")
@@ -33,16 +33,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("nats", "aiohttp.access"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 async def serve(settings: config.Settings) -> int:
     gateway = Gateway(settings)
     loop = asyncio.get_running_loop()
@@ -56,7 +46,7 @@ async def serve(settings: config.Settings) -> int:
             log.warning("second signal (%s): exiting at once", name)
             if gateway.embedded is not None:
                 gateway.embedded.terminate(wait_s=0.5)
-            logging.shutdown()
+            logging.shutdown()  # flushes the buffered log handler
             os._exit(128 + signum)
         log.info("%s: draining (up to %gs; a second SIGTERM or SIGINT exits at once)", name,
                  settings.drain_timeout_s)
@@ -81,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = config.from_args(args)
     except config.SettingsError as exc:
         sys.exit(f"memphis-gateway: configuration error: {exc}")
-    configure_logging(settings.log_level)
+    logs.configure(settings.log_level)
     settings, generated = settings.with_generated_secret()
     if generated:
         log.warning(

@@ -44,6 +44,11 @@ class _Batch:
     done: asyncio.Future[None]
 
 
+def _expire(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_exception(TimeoutError())
+
+
 class Publisher:
     """Publishes batches with every message in flight; one instance per nats connection."""
 
@@ -84,12 +89,13 @@ class Publisher:
                 f"HPUB {subject} {prefix}{i} {hdr_len} {hdr_len + len(payload)}\r\n".encode()
                 + header_block + payload + _CRLF
             )
+        expiry = loop.call_later(seconds, _expire, batch.done)  # cheaper than asyncio.timeout per call
         try:
             await self._nc._send_command(b"".join(commands))
             await self._nc._flush_pending()
-            async with asyncio.timeout(seconds):
-                await batch.done
+            await batch.done
         finally:
+            expiry.cancel()
             self._batches.pop(batch_id, None)
             if not batch.done.done():
                 batch.done.cancel()
