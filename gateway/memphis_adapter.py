@@ -101,27 +101,20 @@ class MemphisBroker:
 
     async def _route(self, session: Session, station: str) -> Route:
         key = internal_name(station)
-        route = session.routes.get(key)
-        if route is not None:
-            return route
-        async with session.lock(("producer", key)):
-            route = session.routes.get(key)
-            if route is None:
-                if not session.nc.is_connected:
-                    raise Unavailable(DOWN, retry_after=RETRY_AFTER_S)
-                m = session.memphis
-                producer = await _sdk(m.producer(station_name=station, producer_name=PRODUCER_NAME, timeout_retries=0),
-                                      self._timeout)
-                partitions = m.partition_producers_updates_data.get(key, {}).get("partitions_list") or []
-                streams = {p: f"{key}${p}" for p in partitions} or {0: key}
-                functions = m.functions_updates_data.get(key, {})
-                subjects = {
-                    p: f"{stream}.functions.{functions[str(p)]}" if str(p) in functions else f"{stream}.final"
-                    for p, stream in streams.items()
-                }
-                route = Route(producer=producer, subjects=subjects, rr=itertools.cycle(sorted(subjects)))
-                session.routes[key] = route
-        return route
+        return await session.once(session.routes, key, lambda: self._new_route(session, station, key))
+
+    async def _new_route(self, session: Session, station: str, key: str) -> Route:
+        m = session.memphis
+        producer = await _sdk(m.producer(station_name=station, producer_name=PRODUCER_NAME, timeout_retries=0),
+                              self._timeout)
+        partitions = m.partition_producers_updates_data.get(key, {}).get("partitions_list") or []
+        streams = {p: f"{key}${p}" for p in partitions} or {0: key}
+        functions = m.functions_updates_data.get(key, {})
+        subjects = {
+            p: f"{stream}.functions.{functions[str(p)]}" if str(p) in functions else f"{stream}.final"
+            for p, stream in streams.items()
+        }
+        return Route(producer=producer, subjects=subjects, rr=itertools.cycle(sorted(subjects)))
 
     async def _publish_all(
         self, session: Session, route: Route, station: str, messages: Sequence[OutMessage]
@@ -240,27 +233,20 @@ class MemphisBroker:
 
     async def _group(self, session: Session, spec: ConsumerSpec) -> Group:
         key = (internal_name(spec.station), internal_name(spec.group))
-        group = session.groups.get(key)
-        if group is not None:
-            return group
-        async with session.lock(("consumer", key)):
-            group = session.groups.get(key)
-            if group is None:
-                if not session.nc.is_connected:
-                    raise Unavailable(DOWN, retry_after=RETRY_AFTER_S)
-                consumer = await _sdk(
-                    session.memphis.consumer(
-                        station_name=spec.station,
-                        consumer_name=spec.consumer_name,
-                        consumer_group=spec.group,
-                        timeout_retries=0,
-                    ),
-                    self._timeout,
-                )
-                subs = [consumer.subscriptions[p] for p in sorted(consumer.subscriptions)]
-                group = Group(consumer=consumer, subscriptions=subs)
-                session.groups[key] = group
-        return group
+        return await session.once(session.groups, key, lambda: self._new_group(session, spec))
+
+    async def _new_group(self, session: Session, spec: ConsumerSpec) -> Group:
+        consumer = await _sdk(
+            session.memphis.consumer(
+                station_name=spec.station,
+                consumer_name=spec.consumer_name,
+                consumer_group=spec.group,
+                timeout_retries=0,
+            ),
+            self._timeout,
+        )
+        subscriptions = [consumer.subscriptions[p] for p in sorted(consumer.subscriptions)]
+        return Group(consumer=consumer, subscriptions=subscriptions)
 
     async def _fetch(self, session: Session, group: Group, batch_size: int, max_wait_s: float) -> list[Any]:
         if not session.nc.is_connected:

@@ -24,7 +24,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -41,6 +41,8 @@ from gateway.tokens import Credentials
 
 log = logging.getLogger("gateway.broker")
 T = TypeVar("T")
+K = TypeVar("K")
+V = TypeVar("V")
 
 RETRY_AFTER_S = 1.0
 RECONNECT_WAIT_S = 0.5  # between reconnect attempts to one server: the recovery delay after a restart
@@ -94,6 +96,20 @@ class Session:
 
     def lock(self, key: Any) -> asyncio.Lock:
         return self.locks.setdefault(key, asyncio.Lock())
+
+    async def once(self, cache: dict[K, V], key: K, create: Callable[[], Awaitable[V]]) -> V:
+        """``cache[key]``, created once under a per-key lock (memphis-py's creations are unlocked,
+        and its consumer() is not cached: one long-lived object per station or group)."""
+        found = cache.get(key)
+        if found is not None:
+            return found
+        async with self.lock((id(cache), key)):
+            found = cache.get(key)
+            if found is None:
+                if not self.nc.is_connected:
+                    raise Unavailable(DOWN, retry_after=RETRY_AFTER_S)
+                found = cache[key] = await create()
+        return found
 
     def lost(self) -> asyncio.Future[None]:
         """A future resolved when the current connection drops (checked connected first)."""
