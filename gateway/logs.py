@@ -1,8 +1,9 @@
 """Logging set-up: cheap records, and a stderr handler that does not write once per line.
 
 The access log writes one line per call; a plain StreamHandler pays a write()
-syscall and a flush for each. Here lines go to a buffer that is written out when
-it fills, at once for WARNING and above, and at least every FLUSH_INTERVAL_S.
+syscall and a flush for each. Here access lines go to a buffer that is written out
+when it fills and at least every FLUSH_INTERVAL_S; every other record is written
+(with what is buffered before it) at once.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from typing import TextIO
 
 FLUSH_INTERVAL_S = 0.5
+BUFFERED = frozenset({"gateway.access"})  # the per-call lines; every other record is written at once
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -27,7 +29,7 @@ class BufferedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def emit(self, record: logging.LogRecord) -> None:
         try:
             self.stream.write(self.format(record) + self.terminator)
-            if record.levelno >= logging.WARNING or time.monotonic() - self._last_flush >= FLUSH_INTERVAL_S:
+            if record.name not in BUFFERED or time.monotonic() - self._last_flush >= FLUSH_INTERVAL_S:
                 self.flush()
         except Exception:
             self.handleError(record)
