@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One entry point for a fresh machine: ./dev.sh serve | test | check | bench
+# One entry point for a fresh machine: ./dev.sh serve | test | check | generate | bench
 # Creates .venv (Python >= 3.11) on first use and installs the gateway into it.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -36,6 +36,7 @@ case "$cmd" in
     .venv/bin/python -m gateway.protogen --check
     .venv/bin/buf lint
     .venv/bin/ruff check gateway tests bench
+    .venv/bin/mypy gateway
     ;;
   generate) venv; exec .venv/bin/python -m gateway.protogen ;;
   bench) venv; exec .venv/bin/python bench/run.py "$@" ;;

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Any
@@ -281,7 +282,7 @@ def root_route() -> ExtraRoute:
     body = orjson.dumps({"service": "memphis-gateway", "version": version("memphis-gateway"),
                          "openapi": "/openapi.json", "metrics": "/metrics", "status": "/monitoring/status"})
 
-    async def handler(request: web.Request, params: dict[str, str]) -> web.StreamResponse:
+    async def handler(request: web.Request, params: Mapping[str, str]) -> web.StreamResponse:
         return web.Response(body=body, content_type="application/json")
 
     return ExtraRoute(method="GET", template="/", handler=handler)

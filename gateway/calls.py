@@ -192,7 +192,7 @@ async def _within(seconds: float, call: Callable[[], Awaitable[Message]]) -> Mes
 
 def _code_of(exc: BaseException) -> str:
     if isinstance(exc, GatewayError):
-        return exc.code.name
+        return str(exc.code.name)
     if isinstance(exc, TimeoutError):
         return "DEADLINE_EXCEEDED"
     if isinstance(exc, asyncio.CancelledError | GeneratorExit):

@@ -51,7 +51,7 @@ def configure(level: str) -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    logging._srcfile = None  # type: ignore[attr-defined]
+    logging._srcfile = None
     stream = open(sys.stderr.fileno(), "w", buffering=1 << 16, closefd=False, encoding="utf-8",
                   errors="backslashreplace")
     handler = BufferedStreamHandler(stream)

@@ -132,7 +132,7 @@ class MemphisBroker:
             "$memphis_connectionId": session.memphis.connection_id or "",
         }
         blocks: dict[int, bytes] = {}  # header block per distinct headers dict (a batch shares one)
-        items: list[tuple[str, bytes, bytes]] = []
+        items: list[tuple[str, bytes, bytes]] = []  # (subject, header block, payload)
         positions: list[int] = []
         for i, message in enumerate(messages):
             try:
@@ -146,7 +146,7 @@ class MemphisBroker:
             else:
                 block = blocks.get(id(message.headers)) or blocks.setdefault(
                     id(message.headers), encode_headers({**message.headers, **base}))
-            items.append((route.subjects[self._partition(route, message)], block, payload))
+            items.append((route.subjects[self._partition(route, message)], block, bytes(payload)))
             positions.append(i)
         if not items:
             return errors

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
@@ -42,7 +43,7 @@ class Metrics:
         child[1].observe(seconds)
 
     def route(self) -> ExtraRoute:
-        async def handler(request: web.Request, params: dict[str, str]) -> web.StreamResponse:
+        async def handler(request: web.Request, params: Mapping[str, str]) -> web.StreamResponse:
             return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
         return ExtraRoute(method="GET", template="/metrics", handler=handler)
