@@ -215,14 +215,7 @@ class EmbeddedBroker:
 
     async def stop(self) -> None:
         """SIGTERM, wait up to ``stop_timeout``, then SIGKILL. Idempotent."""
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                await asyncio.to_thread(proc.wait, self.stop_timeout)
-        self.kill()
+        await asyncio.to_thread(self.terminate, self.stop_timeout)
 
     def kill(self) -> None:
         """SIGKILL the server at once (crash simulation, last resort) and reap it."""
