@@ -112,7 +112,7 @@ class Gateway:
         servicers = [
             AuthService(self.broker, tokens, s.token_expiry_min, s.refresh_token_expiry_min),
             ProduceService(self.broker, s.max_batch_messages),
-            ConsumeService(self.broker, s.max_consume_batch, s.max_consume_wait_ms),
+            ConsumeService(self.broker, s.max_consume_batch, s.max_consume_wait_ms, s.max_body_bytes),
             MonitoringService(self.broker),
         ]
         guard = Guard(

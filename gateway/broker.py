@@ -41,6 +41,7 @@ class ConsumerSpec:
     consumer_name: str
     group: str  # the broker-side consumer group name
     explicit_ack: bool = False
+    max_bytes: int = 0  # hand out at most about this many bytes per batch (0: no limit); the rest waits
 
 
 class Broker(Protocol):

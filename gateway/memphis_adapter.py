@@ -63,6 +63,7 @@ LOST_IN_FLIGHT = (
 )
 HIDDEN_HEADERS = ("$memphis", "Nats-Msg-Id", "msg-id")
 ACK, NAK = b"+ACK", b"-NAK"
+MESSAGE_OVERHEAD = 64  # bytes an answer adds per message beyond its data and headers (framing, JSON)
 
 
 class MemphisBroker:
@@ -211,7 +212,12 @@ class MemphisBroker:
             except TimeoutError:
                 return []
             try:
-                msgs = await self._fetch(session, group, batch_size, deadline - time.monotonic())
+                msgs = group.carry[:batch_size]  # fetched earlier, beyond what an answer could hold
+                del group.carry[:batch_size]
+                if len(msgs) < batch_size:
+                    wait = deadline - time.monotonic() if not msgs else 0.01
+                    msgs += await self._fetch(session, group, batch_size - len(msgs), wait)
+                msgs, group.carry[:0] = _fit(msgs, spec.max_bytes)
             finally:
                 group.lock.release()
             return await self._hand_out(session, msgs, spec.explicit_ack)
@@ -359,6 +365,22 @@ async def _sdk(call: Any, seconds: float) -> Any:
         if "timeout" in text.lower() or "no responders" in text.lower() or "connection" in text.lower():
             raise Unavailable(f"broker unavailable: {text}", retry_after=RETRY_AFTER_S) from None
         raise InvalidArgument(text) from None
+
+
+def _fit(msgs: list[Any], max_bytes: int) -> tuple[list[Any], list[Any]]:
+    """(what fits in an answer of ``max_bytes``, the rest); at least one message (0: no limit).
+
+    The rest stays unacknowledged in the group's carry for the next call (a gRPC answer cannot
+    exceed its message limit; acking and then failing to send would lose messages, and a nack
+    would spend one of their max_msg_deliveries)."""
+    if not max_bytes:
+        return msgs, []
+    size = 0
+    for i, msg in enumerate(msgs):
+        size += len(msg.data) + MESSAGE_OVERHEAD + sum(len(k) + len(v) for k, v in (msg.headers or {}).items())
+        if size > max_bytes and i > 0:
+            return msgs[:i], msgs[i:]
+    return msgs, []
 
 
 def _schema_error(text: str) -> str:

@@ -70,6 +70,7 @@ class Group:
     subscriptions: list[Any]  # nats-py pull subscriptions, one per partition
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     next_partition: int = 0
+    carry: list[Any] = field(default_factory=list)  # fetched, unacknowledged, not yet handed out
 
 
 @dataclass(slots=True, kw_only=True)

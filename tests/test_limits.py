@@ -445,3 +445,29 @@ async def test_raw_socket_header_tricks_are_never_a_5xx(gw: Clients, token: str,
         for headers in await consume_headers(gw, token, name, 1):
             assert not any(c in k + v for k, v in headers.items() for c in "\r\n\x00"), headers
             assert not any(k.lower().startswith("$memphis") for k in headers)
+
+
+async def test_consume_answer_fits_the_message_limit_and_loses_nothing(nats_server, tmp_path) -> None:
+    """A batch larger than max_body_bytes would be auto-acked and then fail to send over gRPC:
+    the gateway answers with what fits and keeps the rest, unacknowledged, for the next answers."""
+    limit, size, count = 64 * 1024, 20_000, 10
+    async with running_gateway(settings_for(nats_server.url, tmp_path, max_body_bytes=limit)) as gw:
+        token = await gw.grpc_token()
+        name = station()
+        for i in range(0, count, 2):
+            await gw.produce.ProduceBatch(produce_pb2.ProduceBatchRequest(station=name, messages=[
+                {"data": f"{j:02d}".encode() + b"x" * size} for j in (i, i + 1)]), metadata=bearer(token))
+        seen: list[bytes] = []
+        answers = []
+        for _ in range(12):
+            reply = await gw.consume.ConsumeBatch(consume_pb2.ConsumeBatchRequest(
+                station=name, consumer_name="big", batch_size=count, batch_max_wait_time_ms=300),
+                metadata=bearer(token))
+            answers.append(len(reply.messages))
+            assert reply.ByteSize() <= limit
+            seen.extend(m.message[:2] for m in reply.messages)
+            if len(seen) >= count:
+                break
+    print(f"\nFIGURES consume answers under a {limit}-byte limit: {answers} messages of {size} bytes")
+    assert max(answers) < count  # the limit did cut batches
+    assert sorted(seen) == [f"{j:02d}".encode() for j in range(count)]  # none lost, none twice

@@ -24,7 +24,7 @@ def group_name(requested: str) -> str:
     return f"{requested}-{DEFAULT_GROUP}" if requested else DEFAULT_GROUP
 
 
-def consumer_spec(station: str, consumer_name: str, group: str, ack_mode: int) -> ConsumerSpec:
+def consumer_spec(station: str, consumer_name: str, group: str, ack_mode: int, max_bytes: int = 0) -> ConsumerSpec:
     if not consumer_name:
         raise InvalidArgument("Consumer name is required")
     for kind, name in (("consumer", consumer_name), ("consumer group", group)):
@@ -36,6 +36,7 @@ def consumer_spec(station: str, consumer_name: str, group: str, ack_mode: int) -
         consumer_name=consumer_name.lower(),
         group=group_name(group.lower()),
         explicit_ack=ack_mode == consume_pb2.ACK_MODE_EXPLICIT,
+        max_bytes=max_bytes,
     )
 
 
@@ -46,15 +47,18 @@ def consumed(messages: Sequence[InMessage]) -> list[consume_pb2.ConsumedMessage]
 class ConsumeService:
     SERVICE = "memgw.v1.ConsumeService"
 
-    def __init__(self, broker: Broker, max_batch: int, max_wait_ms: int) -> None:
+    def __init__(self, broker: Broker, max_batch: int, max_wait_ms: int, max_answer_bytes: int = 0) -> None:
         self._broker = broker
         self._max_batch = max_batch
         self._max_wait_ms = max_wait_ms
+        self._max_bytes = max_answer_bytes  # an answer must fit the gRPC message limit
 
     async def ConsumeBatch(
         self, request: consume_pb2.ConsumeBatchRequest, ctx: CallContext
     ) -> consume_pb2.ConsumeBatchResponse:
-        spec = consumer_spec(request.station, request.consumer_name, request.consumer_group, request.ack_mode)
+        spec = consumer_spec(
+            request.station, request.consumer_name, request.consumer_group, request.ack_mode, self._answer_limit(ctx)
+        )
         batch = self._batch_size(
             request.batch_size if request.HasField("batch_size") else min(DEFAULT_BATCH, self._max_batch)
         )
@@ -82,12 +86,18 @@ class ConsumeService:
     async def Subscribe(
         self, request: consume_pb2.SubscribeRequest, ctx: CallContext
     ) -> AsyncIterator[consume_pb2.SubscribeResponse]:
-        spec = consumer_spec(request.station, request.consumer_name, request.consumer_group, request.ack_mode)
+        spec = consumer_spec(
+            request.station, request.consumer_name, request.consumer_group, request.ack_mode, self._answer_limit(ctx)
+        )
         batch = self._batch_size(
             request.batch_size if request.HasField("batch_size") else min(DEFAULT_STREAM_BATCH, self._max_batch)
         )
         async for messages in self._broker.subscribe(ctx.require_principal().credentials, spec, batch):
             yield consume_pb2.SubscribeResponse(messages=consumed(messages))
+
+    def _answer_limit(self, ctx: CallContext) -> int:
+        """gRPC answers cannot exceed the message limit; REST answers are streamed to the socket."""
+        return self._max_bytes if ctx.protocol == "grpc" else 0
 
     def _batch_size(self, size: int) -> int:
         if not 1 <= size <= self._max_batch:

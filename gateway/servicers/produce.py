@@ -28,7 +28,7 @@ def check_content_type(content_type: str, accepted: Sequence[str], prefix: str |
     media = media_type(content_type)
     if media in accepted or (prefix is not None and media.startswith(prefix)):
         return
-    allowed = ", ".join([*(f"{prefix}*" for _ in [prefix] if prefix), *accepted])
+    allowed = ", ".join([f"{prefix}*", *accepted] if prefix else accepted)
     shown = f"'{media}'" if media else "none"
     raise InvalidArgument(f"unsupported content type {shown}: use one of {allowed}", http_status=415)
 
