@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
 import secrets
@@ -75,6 +76,9 @@ BASELINES = str(Path(__file__).resolve().parent / "baselines.py")
 REST_HEADERS = {"Content-Type": "application/json", "X-Bench-Trace": "4bf92f3577b34da6", "X-Bench-Source": "bench"}
 
 
+BASELINE_OF = {"single": "B", "unary": "C", "batch": "A", "stream": "A", "consume": "D"}
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     duration: float
@@ -93,9 +97,23 @@ class Config:
     consume_conns: int = 4
     consume_batch: int = 100
     drain_msgs: int = 160_000
+    only: frozenset[str] = frozenset()  # figure keys to measure (with their baselines); empty = all
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> Config:
+        cfg = cls._sized(a)
+        wanted = {k.strip() for k in (getattr(a, "only", "") or "").split(",") if k.strip()}
+        if not wanted:
+            return cfg
+        unknown = wanted - set(BASELINE_OF) - set(BASELINE_OF.values())
+        if unknown:
+            raise SystemExit(f"--only: unknown figure(s) {', '.join(sorted(unknown))}; "
+                             f"known: {', '.join(sorted({*BASELINE_OF, *BASELINE_OF.values()}))}")
+        wanted |= {BASELINE_OF[k] for k in wanted if k in BASELINE_OF}
+        return dataclasses.replace(cfg, only=frozenset(wanted))
+
+    @classmethod
+    def _sized(cls, a: argparse.Namespace) -> Config:
         if a.quick:
             return cls(duration=1.0, warmup=0.0, runs=a.runs or 1, quick=True, single_conns=8, batch_conns=4,
                        grpc_conns=2, grpc_streams=4, stream_conns=1, stream_frame=100, stream_frames=5,
@@ -433,6 +451,8 @@ async def one_run(env: Env, run: int, log: Callable[[str], None]) -> dict[str, M
     single_path = f"/stations/{PRODUCE_STATION}/produce/single"
 
     async def step(key: str, what: Callable[[], Any]) -> None:
+        if cfg.only and key not in cfg.only:
+            return
         log(f"run {run + 1}/{cfg.runs}: {key} ...")
         await settle(env, log)
         try:
@@ -563,6 +583,8 @@ def table(cfg: Config, res: dict[str, Measure]) -> tuple[str, bool]:
     all_ok = True
     noisy_rows = 0
     for row in rows(cfg):
+        if cfg.only and row.key not in cfg.only and row.key != "rss":
+            continue
         m = res.get(row.key)
         if m is None:
             lines.append([row.label, "n/a", row.unit, "", "", row.target, "FAIL" if row.target else "", "", "", "",
@@ -723,6 +745,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--runs", type=int, default=None, help="repeat all figures N times and print medians")
     p.add_argument("--loadgen", choices=("auto", "native", "python"), default="auto",
                    help="auto: wrk/h2load if installed else the asyncio client; native: require them")
+    p.add_argument("--only", default="", metavar="KEYS",
+                   help="measure only these figures, comma-separated (e.g. single,unary); their baselines "
+                        "(B for single, C for unary, A for batch/stream, D for consume) are added")
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     p.add_argument("--gateway-cmd", default=None, metavar="CMD",
                    help="how to start the gateway (default: the venv's python -m gateway serve); the benchmark "

@@ -45,7 +45,7 @@ from gateway.guard import Guard
 from gateway.memphis_adapter import MemphisBroker
 from gateway.metrics import Metrics
 from gateway.openapi import openapi_route
-from gateway.rest import ExtraRoute, RestOptions, build_rest_app
+from gateway.rest import ExtraRoute, RestOptions, build_rest_handler, rest_runner
 from gateway.servicers.auth import AuthService
 from gateway.servicers.consume import ConsumeService
 from gateway.servicers.monitoring import MonitoringService
@@ -79,7 +79,7 @@ class Gateway:
         self.broker: MemphisBroker | None = None
         self.endpoints: list[Endpoint] = []
         self._grpc: Any = None
-        self._runner: web.AppRunner | None = None
+        self._runner: web.ServerRunner | None = None
         self._health = health.aio.HealthServicer()
         self._health_task: asyncio.Task[None] | None = None
         self._send_task: asyncio.Task[None] | None = None
@@ -129,12 +129,11 @@ class Gateway:
         grpc_port = self._grpc.add_insecure_port(f"{s.host}:{s.grpc_port}")
         await self._grpc.start()
 
-        app = build_rest_app(self.endpoints, self.rest_options())
+        handler = build_rest_handler(self.endpoints, self.rest_options())
         # aiohttp waits shutdown_timeout for handlers, then (after cancelling only their body
         # reads) up to shutdown_timeout again before cancelling them: half the drain each.
-        self._runner = web.AppRunner(
-            app, access_log=None, shutdown_timeout=s.drain_timeout_s / 2, keepalive_timeout=s.http_keepalive_s
-        )
+        self._runner = rest_runner(handler, shutdown_timeout=s.drain_timeout_s / 2,
+                                   keepalive_timeout=s.http_keepalive_s)
         await self._runner.setup()
         site = web.TCPSite(self._runner, s.host, s.http_port, reuse_port=s.workers > 1)
         await site.start()
@@ -282,7 +281,7 @@ def root_route() -> ExtraRoute:
     body = orjson.dumps({"service": "memphis-gateway", "version": version("memphis-gateway"),
                          "openapi": "/openapi.json", "metrics": "/metrics", "status": "/monitoring/status"})
 
-    async def handler(request: web.Request, params: Mapping[str, str]) -> web.StreamResponse:
+    async def handler(request: web.BaseRequest, params: Mapping[str, str]) -> web.StreamResponse:
         return web.Response(body=body, content_type="application/json")
 
     return ExtraRoute(method="GET", template="/", handler=handler)

@@ -15,7 +15,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -24,6 +24,7 @@ from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 from memgw.v1 import options_pb2
 
+from gateway.deadlines import deadlines
 from gateway.errors import GatewayError, Internal
 
 access_log = logging.getLogger("gateway.access")
@@ -53,9 +54,10 @@ class CallContext:
     deadline: float | None = None  # time.monotonic() based
     principal: Principal | None = None
     request_bytes: int = 0  # size of the request body / message, for byte-rate limits
-    request_id: int = field(default_factory=lambda: next(_request_ids))
+    request_id: int = field(default_factory=_request_ids.__next__)
     # Response metadata the servicer wants sent (gRPC initial metadata / HTTP headers).
     response_headers: dict[str, str] = field(default_factory=dict)
+    expired: bool = False  # the deadline passed and the call was cancelled for it
 
     def time_remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()
@@ -67,9 +69,12 @@ class CallContext:
 
 
 class Guard(Protocol):
-    """Cross-cutting admission: authentication and limits, for both protocols."""
+    """Cross-cutting admission: authentication and limits, for both protocols.
 
-    async def admit(self, endpoint: Endpoint, ctx: CallContext) -> None: ...
+    ``admit`` is synchronous: it runs on every call, and checking a (cached) token and a
+    token bucket never waits for anything."""
+
+    def admit(self, endpoint: Endpoint, ctx: CallContext) -> None: ...
 
     @property
     def meters_bytes(self) -> bool: ...
@@ -97,21 +102,47 @@ class Endpoint:
     public: bool = False  # (memgw.v1.access).public: callable without a token
     transcoding: options_pb2.HttpTranscoding = field(default_factory=options_pb2.HttpTranscoding)
     full_name: str = ""  # "/pkg.Service/Method"
+    # from the method descriptor, read once (every call asks)
+    client_streaming: bool = field(init=False)
+    server_streaming: bool = field(init=False)
 
-    @property
-    def client_streaming(self) -> bool:
-        return bool(self.method.client_streaming)
-
-    @property
-    def server_streaming(self) -> bool:
-        return bool(self.method.server_streaming)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "client_streaming", bool(self.method.client_streaming))
+        object.__setattr__(self, "server_streaming", bool(self.method.server_streaming))
 
 
     async def unary(self, request: Any, ctx: CallContext) -> Message:
-        """Unary and client-streaming calls (request is an async iterator for the latter)."""
-        if self.client_streaming and self.guard.meters_bytes:
-            request = self._metered(request, ctx)
-        return await self._run(ctx, lambda: self.handler(request, ctx))
+        """Unary and client-streaming calls (request is an async iterator for the latter).
+
+        Every call runs through here, so it is one coroutine frame: admission, the deadline,
+        the handler, then metrics, the access log and error mapping in ``_finish``."""
+        started = time.monotonic()
+        code = "OK"
+        try:
+            self.guard.admit(self, ctx)
+            if self.client_streaming and self.guard.meters_bytes:
+                request = self._metered(request, ctx)
+            if ctx.deadline is None:
+                return await self.handler(request, ctx)
+            timers = deadlines()
+            task = asyncio.current_task(timers.loop())
+            timer = timers.at(ctx.deadline, _expire, (ctx, task))
+            try:
+                return await self.handler(request, ctx)
+            except asyncio.CancelledError:
+                if ctx.expired and task is not None and task.uncancel() == 0:
+                    raise TimeoutError from None
+                raise
+            finally:
+                timers.cancel(timer)
+        except BaseException as exc:
+            code = _code_of(exc)
+            mapped = _as_gateway_error(exc, self, ctx)
+            if mapped is exc:
+                raise
+            raise mapped from exc
+        finally:
+            self._finish(ctx, code, started)
 
     async def _metered(self, frames: AsyncIterator[Message], ctx: CallContext) -> AsyncIterator[Message]:
         """A client stream whose frames are charged to the caller's bytes/s limit as they arrive."""
@@ -123,7 +154,7 @@ class Endpoint:
         started = time.monotonic()
         code = "OK"
         try:
-            await self._admit(ctx)
+            self.guard.admit(self, ctx)
             async for response in self.handler(request, ctx):
                 yield response
         except BaseException as exc:
@@ -135,59 +166,25 @@ class Endpoint:
         finally:
             self._finish(ctx, code, started)
 
-    async def _run(self, ctx: CallContext, call: Callable[[], Awaitable[Message]]) -> Message:
-        started = time.monotonic()
-        code = "OK"
-        try:
-            await self._admit(ctx)
-            remaining = ctx.time_remaining()
-            if remaining is None:
-                return await call()
-            return await _within(max(remaining, 0), call)
-        except BaseException as exc:
-            code = _code_of(exc)
-            mapped = _as_gateway_error(exc, self, ctx)
-            if mapped is exc:
-                raise
-            raise mapped from exc
-        finally:
-            self._finish(ctx, code, started)
-
-    async def _admit(self, ctx: CallContext) -> None:
-        await self.guard.admit(self, ctx)
-
     def _finish(self, ctx: CallContext, code: str, started: float) -> None:
         elapsed = time.monotonic() - started
         self.guard.release(self, ctx)
         if self.observer is not None:
             self.observer.observe(self, code, elapsed)
-        user = ctx.principal.username if ctx.principal else "-"
-        access_log.info(
-            "%s %s %s user=%s peer=%s %.1fms id=%d",
-            ctx.protocol, self.full_name, code, user, ctx.peer, elapsed * 1000, ctx.request_id,
-        )
+        if access_log.isEnabledFor(logging.INFO):
+            user = ctx.principal.username if ctx.principal else "-"
+            access_log.info(
+                "%s %s %s user=%s peer=%s %.1fms id=%d",
+                ctx.protocol, self.full_name, code, user, ctx.peer, elapsed * 1000, ctx.request_id,
+            )
 
 
-async def _within(seconds: float, call: Callable[[], Awaitable[Message]]) -> Message:
-    """``await call()``, TimeoutError after ``seconds``: asyncio.timeout's job at a third of its cost."""
-    task = asyncio.current_task()
-    assert task is not None
-    expired = False
-
-    def expire() -> None:
-        nonlocal expired
-        expired = True
+def _expire(call: tuple[CallContext, asyncio.Task[Any] | None]) -> None:
+    """A call's deadline passed: cancel its task (``unary`` turns that into TimeoutError)."""
+    ctx, task = call
+    ctx.expired = True
+    if task is not None:
         task.cancel()
-
-    handle = asyncio.get_running_loop().call_later(seconds, expire)
-    try:
-        return await call()
-    except asyncio.CancelledError:
-        if expired and task.uncancel() == 0:
-            raise TimeoutError from None
-        raise
-    finally:
-        handle.cancel()
 
 
 def _code_of(exc: BaseException) -> str:

@@ -28,7 +28,7 @@ class Guard:
         self._requests = TokenBuckets(requests_per_s, requests_per_s) if requests_per_s > 0 else None
         self._bytes = TokenBuckets(bytes_per_s, bytes_per_s) if bytes_per_s > 0 else None
 
-    async def admit(self, endpoint: Endpoint, ctx: CallContext) -> None:
+    def admit(self, endpoint: Endpoint, ctx: CallContext) -> None:
         if endpoint.public:
             return
         try:
@@ -40,7 +40,8 @@ class Guard:
             log.info("refused %s %s from %s: %s", ctx.protocol, endpoint.full_name, ctx.peer or "-", exc.reason)
             raise
         session = ctx.principal.session
-        self._limit_rate(session, ctx)
+        if self._requests is not None or self._bytes is not None:
+            self._limit_rate(session, ctx)
         if endpoint.server_streaming or endpoint.client_streaming:
             if self._streams[session] >= self._max_streams:
                 ctx.principal = None  # nothing to release

@@ -38,7 +38,7 @@ from memphis.station import Station
 from gateway.broker import ConsumerSpec, InMessage, OutMessage
 from gateway.errors import InvalidArgument, Unavailable
 from gateway.names import internal_name
-from gateway.publisher import UNAVAILABLE, Publisher, encode_headers
+from gateway.publisher import HEADER_LINE, UNAVAILABLE, Publisher, encode_headers
 from gateway.sessions import (
     DOWN,
     DOWN_SHORT,
@@ -91,17 +91,17 @@ class MemphisBroker:
     # -- produce ----------------------------------------------------------
 
     async def produce(self, creds: Credentials, station: str, messages: Sequence[OutMessage]) -> list[str | None]:
-        session = await self._pool.get(creds)
+        session = self._pool.ready(creds) or await self._pool.get(creds)
         session.in_use += 1
         try:
-            route = await self._route(session, station)
+            key = internal_name(station)
+            route = session.routes.get(key) or await self._route(session, station, key)
             return await self._publish_all(session, route, station, messages)
         finally:
             session.in_use -= 1
             session.last_used = time.monotonic()
 
-    async def _route(self, session: Session, station: str) -> Route:
-        key = internal_name(station)
+    async def _route(self, session: Session, station: str, key: str) -> Route:
         return await session.once(session.routes, key, lambda: self._new_route(session, station, key))
 
     async def _new_route(self, session: Session, station: str, key: str) -> Route:
@@ -115,46 +115,48 @@ class MemphisBroker:
             p: f"{stream}.functions.{functions[str(p)]}" if str(p) in functions else f"{stream}.final"
             for p, stream in streams.items()
         }
-        return Route(producer=producer, subjects=subjects, rr=itertools.cycle(sorted(subjects)))
+        # the headers memphis-py adds to every message, encoded once
+        base = encode_headers({"$memphis_producedBy": PRODUCER_NAME,
+                               "$memphis_connectionId": m.connection_id or ""})[len(HEADER_LINE):-2]
+        return Route(producer=producer, subjects=subjects, rr=itertools.cycle(sorted(subjects)), base_headers=base)
 
     async def _publish_all(
         self, session: Session, route: Route, station: str, messages: Sequence[OutMessage]
     ) -> list[str | None]:
         """Publish every message with all of them in flight; answer once the broker stored them.
 
-        The batch's future is tracked by the session, so a dropped connection fails it at
-        once; the deadline fails it otherwise. Either way the client hears 503 and may retry
+        The publisher fails the batch at once when the connection drops (the session tells it);
+        the deadline fails it otherwise. Either way the client hears 503 and may retry
         (idempotency keys make that safe)."""
         if not session.nc.is_connected:
             raise Unavailable(DOWN, retry_after=RETRY_AFTER_S)
         errors: list[str | None] = [None] * len(messages)
-        base = {
-            "$memphis_producedBy": PRODUCER_NAME,
-            "$memphis_connectionId": session.memphis.connection_id or "",
-        }
         blocks: dict[int, bytes] = {}  # header block per distinct headers dict (a batch shares one)
         items: list[tuple[str, bytes, bytes]] = []  # (subject, header block, payload)
         positions: list[int] = []
+        validate = self._schema(session, route, station) is not None
         for i, message in enumerate(messages):
-            try:
-                payload = await self._validated(session, route, station, message.data)
-            except InvalidArgument as exc:
-                errors[i] = exc.message
-                continue
+            payload = message.data
+            if validate:
+                try:
+                    payload = bytes(await self._validated(session, station, payload))
+                except InvalidArgument as exc:
+                    errors[i] = exc.message
+                    continue
             if message.idempotency_key:
                 key = message.idempotency_key
-                block = encode_headers({**message.headers, **base, "Nats-Msg-Id": key, "msg-id": key})
+                block = encode_headers({**message.headers, "Nats-Msg-Id": key, "msg-id": key}, route.base_headers)
             else:
                 block = blocks.get(id(message.headers)) or blocks.setdefault(
-                    id(message.headers), encode_headers({**message.headers, **base}))
-            items.append((route.subjects[self._partition(route, message)], block, bytes(payload)))
+                    id(message.headers), encode_headers(message.headers, route.base_headers))
+            items.append((route.subjects[self._partition(route, message)], block, payload))
             positions.append(i)
         if not items:
             return errors
         if session.publisher is None:
             session.publisher = Publisher(session.nc)
         try:
-            results = await session.publisher.publish(items, self._timeout, track=session.track)
+            results = await session.publisher.publish(items, self._timeout)
         except TimeoutError:
             raise Unavailable(f"broker unavailable: no acknowledgement within {self._timeout:g} s; "
                               "the message may or may not be stored", retry_after=RETRY_AFTER_S) from None
@@ -163,8 +165,11 @@ class MemphisBroker:
         except (nats.errors.OutboundBufferLimitError, nats.errors.ConnectionClosedError,
                 nats.errors.ConnectionReconnectingError):
             raise Unavailable(DOWN, retry_after=RETRY_AFTER_S) from None
-        for i, error in zip(positions, results, strict=True):
-            errors[i] = error
+        if len(positions) == len(messages):
+            errors = results
+        else:
+            for i, error in zip(positions, results, strict=True):
+                errors[i] = error
         down = next((e for e in results if e is not None and e.startswith(UNAVAILABLE)), None)
         if down is not None:  # the client retries the whole call (idempotency keys make that safe)
             raise Unavailable(down, retry_after=RETRY_AFTER_S)
@@ -177,17 +182,19 @@ class MemphisBroker:
             return int(route.producer.get_partition_from_key(message.partition_key))
         return next(route.rr)
 
-    async def _validated(self, session: Session, route: Route, station: str, data: bytes) -> bytes | bytearray:
+    @staticmethod
+    def _schema(session: Session, route: Route, station: str) -> Any:
+        """The station's schema (None without one), validators rebuilt when its push changed it (B6)."""
         m = session.memphis
-        key = internal_name(station)
-        schema = m.schema_updates_data.get(key) or {}
-        if not schema:
-            return data
-        if schema is not route.schema_seen:  # B6: the push replaced the schema; rebuild validators
+        schema = m.schema_updates_data.get(internal_name(station)) or None
+        if schema is not None and schema is not route.schema_seen:
             m.update_schema_data(station)
             route.schema_seen = schema
+        return schema
+
+    async def _validated(self, session: Session, station: str, data: bytes) -> bytes | bytearray:
         try:
-            validated: bytes | bytearray = await Station(m, station).validate_msg(bytearray(data))  # B5
+            validated: bytes | bytearray = await Station(session.memphis, station).validate_msg(bytearray(data))  # B5
             return validated
         except MemphisSchemaError as exc:
             raise InvalidArgument(_schema_error(str(exc))) from None

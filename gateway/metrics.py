@@ -1,18 +1,59 @@
-"""Prometheus metrics: one observation per call, both protocols, served at GET /metrics."""
+"""Prometheus metrics: one observation per call, both protocols, served at GET /metrics.
+
+Every call is observed, so the hot path is a dict lookup, a bisect and three list
+increments (no lock: everything runs on the event loop). prometheus_client renders the
+text format at scrape time from a collector reading those lists.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from bisect import bisect_left
+from collections.abc import Iterator, Mapping
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from gateway.calls import Endpoint
 from gateway.rest import ExtraRoute
 
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# bucket labels as prometheus_client writes them
+_LE = (*(floatToGoString(b) for b in BUCKETS), "+Inf")  # type: ignore[no-untyped-call]
+
+
+class _Latency:
+    """One method's histogram: per-bucket counts (not cumulative) plus +Inf, and the sum."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)
+        self.total = 0.0
+
+
+class _CallCollector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        calls = CounterMetricFamily("memphis_gateway_calls", "Calls by method and gRPC status code",
+                                    labels=["method", "code"])
+        for (method, code), count in sorted(self._metrics.calls.items()):
+            calls.add_metric([method, code], count)
+        yield calls
+        latency = HistogramMetricFamily("memphis_gateway_call_seconds", "Call duration by method",
+                                        labels=["method"])
+        for method, h in sorted(self._metrics.latency.items()):
+            cumulative, running = [], 0
+            for bound, count in zip(_LE, h.counts, strict=True):
+                running += count
+                cumulative.append((bound, running))
+            latency.add_metric([method], cumulative, h.total)
+        yield latency
 
 
 class Metrics:
@@ -20,30 +61,23 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.calls = Counter(
-            "memphis_gateway_calls", "Calls by method and gRPC status code", ["method", "code"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "memphis_gateway_call_seconds", "Call duration by method", ["method"], buckets=BUCKETS,
-            registry=self.registry,
-        )
+        self.calls: dict[tuple[str, str], int] = {}  # (method, code) -> calls
+        self.latency: dict[str, _Latency] = {}  # method -> histogram
+        self.registry.register(_CallCollector(self))
         self.broker_up = Gauge("memphis_gateway_broker_up", "1 while the broker answers", registry=self.registry)
-        self._children: dict[tuple[str, str], Any] = {}
 
     def observe(self, endpoint: Endpoint, code: str, seconds: float) -> None:
-        key = (endpoint.full_name, code)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = (
-                self.calls.labels(endpoint.full_name, code),
-                self.latency.labels(endpoint.full_name),
-            )
-        child[0].inc()
-        child[1].observe(seconds)
+        method = endpoint.full_name
+        key = (method, code)
+        self.calls[key] = self.calls.get(key, 0) + 1
+        h = self.latency.get(method)
+        if h is None:
+            h = self.latency[method] = _Latency()
+        h.counts[bisect_left(BUCKETS, seconds)] += 1  # le: a value equal to a bound falls in its bucket
+        h.total += seconds
 
     def route(self) -> ExtraRoute:
-        async def handler(request: web.Request, params: Mapping[str, str]) -> web.StreamResponse:
+        async def handler(request: web.BaseRequest, params: Mapping[str, str]) -> web.StreamResponse:
             return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
         return ExtraRoute(method="GET", template="/metrics", handler=handler)

@@ -449,7 +449,7 @@ def openapi_route(endpoints: Iterable[Endpoint], **options: Any) -> ExtraRoute:
     """``GET /openapi.json``: the document of ``endpoints``, built once (public, like /monitoring/status)."""
     body = orjson.dumps(openapi_document(endpoints, **options))
 
-    async def handler(request: web.Request, params: Mapping[str, str]) -> web.StreamResponse:
+    async def handler(request: web.BaseRequest, params: Mapping[str, str]) -> web.StreamResponse:
         return web.Response(body=body, content_type="application/json")
 
     return ExtraRoute(method="GET", template=OPENAPI_PATH, handler=handler)

@@ -9,32 +9,35 @@ batch when the last acknowledgement arrives. The broker's answers are the
 same PubAcks nats-py reads: ``{"stream": ..., "seq": ...}`` or ``{"error": ...}``,
 and a 503 status message when no stream listens on the subject.
 
-It uses two private nats-py calls (``_send_command``, ``_flush_pending``): the
-NATS wire protocol they write is stable; nats-py is pinned below 3 for them.
+It uses nats-py's private write path (``_send_command``, ``_flush_pending``, and
+``_flush_queue`` to kick the flusher once per flush, as nats-py's own ``publish``
+does): the NATS wire protocol they write is stable; nats-py is pinned below 3 for them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from gateway.deadlines import deadlines
+
 _CRLF = b"\r\n"
 UNAVAILABLE = "broker unavailable: "  # errors with this prefix mean: retry the whole call later
-_HDR_LINE = b"NATS/1.0\r\n"
+HEADER_LINE = b"NATS/1.0\r\n"
 
 
-def encode_headers(headers: dict[str, str]) -> bytes:
-    """A NATS header block (values must not hold CR/LF: the servicers refuse those)."""
-    parts = [_HDR_LINE]
-    for key, value in headers.items():
-        parts.append(f"{key}: {value}\r\n".encode())
-    parts.append(_CRLF)
-    return b"".join(parts)
+def encode_headers(headers: dict[str, str], tail: bytes = b"") -> bytes:
+    """A NATS header block: ``headers``, then ``tail`` (header lines already encoded).
+
+    Values must not hold CR/LF: the servicers refuse those."""
+    lines = "".join([f"{key}: {value}\r\n" for key, value in headers.items()]).encode()
+    return HEADER_LINE + lines + tail + _CRLF
 
 
 @dataclass(slots=True)
@@ -59,47 +62,55 @@ class Publisher:
         self._ids = itertools.count(1)
         self._sub: Any = None
 
-    async def _ensure_subscribed(self) -> None:
-        if self._sub is None:
-            self._prefix = self._nc.new_inbox()
-            self._sub = await self._nc.subscribe(f"{self._prefix}.*.*", cb=self._on_reply)
+    async def _subscribe(self) -> None:
+        self._prefix = self._nc.new_inbox()
+        self._sub = await self._nc.subscribe(f"{self._prefix}.*.*", cb=self._on_reply)
 
-    async def publish(
-        self,
-        items: Sequence[tuple[str, bytes, bytes]],
-        seconds: float,
-        track: Callable[[asyncio.Future[None]], None] | None = None,
-    ) -> list[str | None]:
+    async def publish(self, items: Sequence[tuple[str, bytes, bytes]], seconds: float) -> list[str | None]:
         """Publish (subject, header block, payload) items; one error text or None per item, in order.
 
-        Raises TimeoutError when some acknowledgement has not come within ``seconds``; ``track``
-        receives the batch's future (a session fails it when its connection drops)."""
-        await self._ensure_subscribed()
+        Raises TimeoutError when some acknowledgement has not come within ``seconds``, and what
+        :meth:`fail_all` was given when the connection drops first."""
+        if self._sub is None:
+            await self._subscribe()
         batch_id = next(self._ids)
-        loop = asyncio.get_running_loop()
-        batch = _Batch(errors=[None] * len(items), remaining=len(items), done=loop.create_future())
+        timers = deadlines()
+        batch = _Batch(errors=[None] * len(items), remaining=len(items), done=timers.loop().create_future())
         self._batches[batch_id] = batch
-        if track is not None:
-            track(batch.done)
         prefix = f"{self._prefix}.{batch_id}."
-        commands = []
-        for i, (subject, header_block, payload) in enumerate(items):
+        if len(items) == 1:
+            subject, header_block, payload = items[0]
             hdr_len = len(header_block)
-            commands.append(
-                f"HPUB {subject} {prefix}{i} {hdr_len} {hdr_len + len(payload)}\r\n".encode()
-                + header_block + payload + _CRLF
-            )
-        expiry = loop.call_later(seconds, _expire, batch.done)  # cheaper than asyncio.timeout per call
+            command = (f"HPUB {subject} {prefix}0 {hdr_len} {hdr_len + len(payload)}\r\n".encode()
+                       + header_block + payload + _CRLF)
+        else:
+            commands = []
+            for i, (subject, header_block, payload) in enumerate(items):
+                hdr_len = len(header_block)
+                commands.append(
+                    f"HPUB {subject} {prefix}{i} {hdr_len} {hdr_len + len(payload)}\r\n".encode()
+                    + header_block + payload + _CRLF
+                )
+            command = b"".join(commands)
+        expiry = timers.at(time.monotonic() + seconds, _expire, batch.done)
         try:
-            await self._nc._send_command(b"".join(commands))
-            await self._nc._flush_pending()
+            nc = self._nc
+            await nc._send_command(command)
+            if nc._flush_queue is None or nc._flush_queue.empty():  # as nats-py's publish: one kick per flush
+                await nc._flush_pending()
             await batch.done
         finally:
-            expiry.cancel()
+            timers.cancel(expiry)
             self._batches.pop(batch_id, None)
             if not batch.done.done():
                 batch.done.cancel()
         return batch.errors
+
+    def fail_all(self, exc: BaseException) -> None:
+        """Fail every batch awaiting acknowledgements (the connection dropped: they may never come)."""
+        for batch in self._batches.values():
+            if not batch.done.done():
+                batch.done.set_exception(exc)
 
     async def _on_reply(self, msg: Any) -> None:
         _, _, tail = msg.subject.rpartition(f"{self._prefix}.")

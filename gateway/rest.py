@@ -42,11 +42,13 @@ from gateway.httprules import Binding, build_bindings
 from gateway.jsoncodec import dumps
 from gateway.pathtemplate import MalformedPathError, PathTemplate, compile_template, split_path, unescape
 
-__all__ = ["ExtraRoute", "RestOptions", "build_rest_app", "error_body", "error_response"]
+__all__ = [
+    "ExtraRoute", "RestHandler", "RestOptions", "build_rest_handler", "error_body", "error_response", "rest_runner",
+]
 
 log = logging.getLogger("gateway.rest")
 
-ExtraHandler = Callable[[web.Request, Mapping[str, str]], Awaitable[web.StreamResponse]]
+ExtraHandler = Callable[[web.BaseRequest, Mapping[str, str]], Awaitable[web.StreamResponse]]
 
 JSON = "application/json"
 NDJSON = "application/x-ndjson"
@@ -128,13 +130,13 @@ def _too_large(limit: int) -> InvalidArgument:
 # ---------------------------------------------------------------- request parts
 
 
-def message_headers(request: web.Request) -> dict[str, str]:
+def message_headers(request: web.BaseRequest) -> dict[str, str]:
     """Request headers for a message: minus credentials, hop-by-hop and transport headers."""
     return _headers(request, "", want_message_headers=True)[1] or {}
 
 
 def _headers(
-    request: web.Request, query_string: str, *, want_message_headers: bool
+    request: web.BaseRequest, query_string: str, *, want_message_headers: bool
 ) -> tuple[dict[str, str], dict[str, str] | None]:
     """One pass over the headers: (call metadata, headers for ``headers_field`` or None)."""
     md: dict[str, str] = {}
@@ -183,7 +185,7 @@ def _deadline(metadata: Mapping[str, str], default: float | None) -> float | Non
     return time.monotonic() + int(m.group(1)) * _TIMEOUT_UNITS[m.group(2)]
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
+async def read_body(request: web.BaseRequest, limit: int) -> bytes:
     """The whole body, refused (413) as soon as it passes ``limit`` bytes."""
     length = request.content_length
     if length is not None and length > limit:
@@ -191,6 +193,11 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     if not request.body_exists:
         return b""
     content = request.content
+    if content.is_eof():  # already all here (a small body): no read to wait for
+        data = content.read_nowait()
+        if len(data) > limit:
+            raise _too_large(limit)
+        return data
     data = await content.readany()
     size = len(data)
     if size > limit:
@@ -206,7 +213,7 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _ndjson_lines(request: web.Request, limit: int) -> AsyncIterator[bytes]:
+async def _ndjson_lines(request: web.BaseRequest, limit: int) -> AsyncIterator[bytes]:
     """Non-blank lines of the body, each at most ``limit`` bytes, read lazily."""
     buf = bytearray()
     content = request.content
@@ -237,7 +244,7 @@ async def _ndjson_lines(request: web.Request, limit: int) -> AsyncIterator[bytes
 
 # ---------------------------------------------------------------- the transcoder
 
-Serve = Callable[[web.Request, dict[str, str], str, dict[str, str]], Awaitable[web.StreamResponse]]
+Serve = Callable[[web.BaseRequest, dict[str, str], str, dict[str, str]], Awaitable[web.StreamResponse]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,7 +280,11 @@ class _Transcoder:
 
     # ------------------------------------------------------------ dispatch
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        if "Expect" in request.headers:
+            expected = await _expect(request)
+            if expected is not None:
+                return expected
         cors = {"Access-Control-Allow-Origin": "*"} if self.cors_any else self._cors(request)
         raw = request.raw_path
         if not raw.startswith("/"):  # absolute-form request target
@@ -308,13 +319,13 @@ class _Transcoder:
         err = GatewayError("Method Not Allowed", http_status=405, code=grpc.StatusCode.UNIMPLEMENTED)
         return error_response(err, 0, {**cors, "Allow": ", ".join(allowed)})
 
-    def _cors(self, request: web.Request) -> dict[str, str]:
+    def _cors(self, request: web.BaseRequest) -> dict[str, str]:
         origin = request.headers.get("Origin")
         if origin is not None and origin in self.cors_origins:
             return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
         return {"Vary": "Origin"}
 
-    def _preflight(self, request: web.Request, allowed: list[str], cors: dict[str, str]) -> web.Response:
+    def _preflight(self, request: web.BaseRequest, allowed: list[str], cors: dict[str, str]) -> web.Response:
         methods = ", ".join([*allowed, "OPTIONS"])
         requested = request.headers.get("Access-Control-Request-Headers")
         headers = {
@@ -328,7 +339,7 @@ class _Transcoder:
 
     def _extra(self, route: ExtraRoute) -> Serve:
         async def serve(
-            request: web.Request, params: dict[str, str], _qs: str, cors: dict[str, str]
+            request: web.BaseRequest, params: dict[str, str], _qs: str, cors: dict[str, str]
         ) -> web.StreamResponse:
             try:
                 resp = await route.handler(request, params)
@@ -361,7 +372,7 @@ class _Transcoder:
         content_type = "application/octet-stream" if b.raw_response else JSON
 
         async def serve(
-            request: web.Request, params: dict[str, str], query_string: str, cors: dict[str, str]
+            request: web.BaseRequest, params: dict[str, str], query_string: str, cors: dict[str, str]
         ) -> web.StreamResponse:
             ctx: CallContext | None = None
             try:
@@ -407,7 +418,7 @@ class _Transcoder:
         return serve
 
     async def _stream(
-        self, request: web.Request, b: Binding, msg: Message, ctx: CallContext, cors: dict[str, str]
+        self, request: web.BaseRequest, b: Binding, msg: Message, ctx: CallContext, cors: dict[str, str]
     ) -> web.StreamResponse:
         stream = b.endpoint.server_stream(msg, ctx)
         encode = _encoder(b)
@@ -445,7 +456,7 @@ class _Transcoder:
             await stream.aclose()  # type: ignore[attr-defined]
 
 
-async def _next_unless_gone(stream: AsyncIterator[Message], request: web.Request) -> Message:
+async def _next_unless_gone(stream: AsyncIterator[Message], request: web.BaseRequest) -> Message:
     """The stream's next message, or ConnectionResetError once the client has gone away.
 
     aiohttp does not cancel the handler of a client that disconnected, and a stream with nothing
@@ -484,17 +495,29 @@ def _encoder(b: Binding) -> Callable[[Message], tuple[bytes, str]]:
     return lambda reply: (codec.dumps(reply), JSON)
 
 
-def build_rest_app(endpoints: list[Endpoint], options: RestOptions | None = None) -> web.Application:
-    """The aiohttp application serving every bound RPC of ``endpoints`` (HttpRuleError if a rule is bad)."""
-    options = options or RestOptions()
-    transcoder = _Transcoder(endpoints, options)
-    app = web.Application(client_max_size=options.max_body_bytes + 1)
-    # [\s\S]: "." would not match a %0A in the (decoded) path, and aiohttp would answer a text 404
-    app.router.add_route("*", r"/{tail:[\s\S]*}", transcoder.handle, expect_handler=_expect)
-    return app
+RestHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
-async def _expect(request: web.Request) -> web.StreamResponse | None:
+def build_rest_handler(endpoints: list[Endpoint], options: RestOptions | None = None) -> RestHandler:
+    """The request handler serving every bound RPC of ``endpoints`` (HttpRuleError if a rule is bad).
+
+    It is served by aiohttp's low-level :class:`web.Server` (see :func:`rest_runner`): the
+    transcoder does its own routing, so an ``Application`` and its router would only add a
+    second dispatch per request."""
+    return _Transcoder(endpoints, options or RestOptions()).handle
+
+
+def rest_runner(handler: RestHandler, *, loop: asyncio.AbstractEventLoop | None = None,
+                shutdown_timeout: float = 60.0, **handler_args: Any) -> web.ServerRunner:
+    """A runner for ``handler`` (then ``await runner.setup()`` and start a ``web.TCPSite``).
+
+    ``handler_args`` go to aiohttp's ``RequestHandler`` (``keepalive_timeout``, ...); aiohttp's
+    own access log stays off, the gateway logs every call itself."""
+    server = web.Server(handler, loop=loop, access_log=None, **handler_args)
+    return web.ServerRunner(server, shutdown_timeout=shutdown_timeout)
+
+
+async def _expect(request: web.BaseRequest) -> web.StreamResponse | None:
     """``Expect: 100-continue`` as aiohttp does; any other expectation 417 in JSON.
 
     aiohttp's own handler echoes the header into a text/plain 417, and answers 500 when the value

@@ -62,6 +62,7 @@ class Route:
     subjects: dict[int, str]
     rr: itertools.cycle[int]
     schema_seen: Any = None  # the schema_updates_data entry the validator was built from
+    base_headers: bytes = b""  # the header lines memphis-py adds to every message, encoded
 
 
 @dataclass(slots=True, kw_only=True)
@@ -83,13 +84,12 @@ class Session:
     in_use: int = 0
     label: str = ""
     publisher: Publisher | None = None
-    _inflight: set[asyncio.Future[Any]] = field(default_factory=set)  # publishes awaiting their PubAck
     _lost: asyncio.Future[None] | None = None
     _down_since: float | None = None
+    nc: Any = field(init=False)  # memphis-py's nats-py client (it keeps one for the connection's life)
 
-    @property
-    def nc(self) -> Any:
-        return self.memphis.broker_manager
+    def __post_init__(self) -> None:
+        self.nc = self.memphis.broker_manager
 
     @property
     def js(self) -> Any:
@@ -118,17 +118,13 @@ class Session:
             self._lost = asyncio.get_running_loop().create_future()
         return self._lost
 
-    def track(self, future: asyncio.Future[Any]) -> None:
-        """A publish to fail at once if the connection drops before its PubAck (else: its deadline)."""
-        self._inflight.add(future)
-        future.add_done_callback(self._inflight.discard)
-
     def _fail_in_flight(self) -> None:
+        """The connection dropped: waits racing ``lost()`` end, and publishes awaiting their PubAck
+        fail at once (else they would wait for their deadline)."""
         if self._lost is not None and not self._lost.done():
             self._lost.set_result(None)
-        for future in list(self._inflight):
-            if not future.done():
-                future.set_exception(ConnectionLost())
+        if self.publisher is not None:
+            self.publisher.fail_all(ConnectionLost())
 
     def watch(self) -> None:
         """Replace memphis-py's callbacks (it prints) with ours: log, and fail calls in flight."""
@@ -175,6 +171,13 @@ class SessionPool:
 
     def all(self) -> list[Session]:
         return list(self._sessions.values())
+
+    def ready(self, creds: Credentials) -> Session | None:
+        """The open session of ``creds`` if there is one (the hot path: no await); else use ``get``."""
+        session = self._sessions.get(creds)
+        if session is not None and usable(session):
+            return session
+        return None
 
     async def get(self, creds: Credentials) -> Session:
         session = self._sessions.get(creds)

@@ -215,7 +215,7 @@ class AdmitAll:
         return None
 
 
-    async def admit(self, endpoint: Endpoint, ctx: CallContext) -> None:
+    def admit(self, endpoint: Endpoint, ctx: CallContext) -> None:
         return None
 
     def release(self, endpoint: Endpoint, ctx: CallContext) -> None:

@@ -25,7 +25,7 @@ from gateway.contract import SERVICES
 from gateway.httprules import build_bindings
 from gateway.jsoncodec import codec_for
 from gateway.openapi import openapi_document, openapi_route
-from gateway.rest import RestOptions, build_rest_app
+from gateway.rest import RestOptions, build_rest_handler, rest_runner
 from tests.test_httprules import AdmitAll, AnyMethod, message_class, service
 
 OPERATIONS = ("get", "put", "post", "delete", "patch", "options", "head", "trace")
@@ -210,8 +210,8 @@ def test_codec_output_validates_against_the_response_schemas() -> None:
 
 async def test_served_at_openapi_json() -> None:
     eps = contract_endpoints()
-    app = build_rest_app(eps, RestOptions(extra_routes=(openapi_route(eps),)))
-    runner = web.AppRunner(app, access_log=None)
+    app = build_rest_handler(eps, RestOptions(extra_routes=(openapi_route(eps),)))
+    runner = rest_runner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

@@ -36,7 +36,7 @@ from gateway.errors import (
     Unauthenticated,
     Unavailable,
 )
-from gateway.rest import ExtraRoute, RestOptions, build_rest_app
+from gateway.rest import ExtraRoute, RestHandler, RestOptions, build_rest_handler, rest_runner
 from tests.test_httprules import message_class, service
 
 TOKEN = "good-token"
@@ -56,7 +56,7 @@ class TokenGuard:
     def charge(self, ctx: CallContext, nbytes: int) -> None:
         return None
 
-    async def admit(self, endpoint: Endpoint, ctx: CallContext) -> None:
+    def admit(self, endpoint: Endpoint, ctx: CallContext) -> None:
         if not endpoint.public and ctx.metadata.get("authorization") != f"Bearer {TOKEN}":
             raise Unauthenticated("no or bad token")
 
@@ -250,19 +250,19 @@ class FakeEcho:
         return EchoResponse(items=[r.id async for r in requests])
 
 
-async def _root(request: web.Request, params: Mapping[str, str]) -> web.StreamResponse:
+async def _root(request: web.BaseRequest, params: Mapping[str, str]) -> web.StreamResponse:
     return web.json_response({"service": "memphis-gateway"})
 
 
-async def _file(request: web.Request, params: Mapping[str, str]) -> web.StreamResponse:
+async def _file(request: web.BaseRequest, params: Mapping[str, str]) -> web.StreamResponse:
     return web.Response(text=params["path"])
 
 
-async def _refuse(request: web.Request, params: Mapping[str, str]) -> web.StreamResponse:
+async def _refuse(request: web.BaseRequest, params: Mapping[str, str]) -> web.StreamResponse:
     raise PermissionDenied("metrics are private")
 
 
-async def _crash(request: web.Request, params: Mapping[str, str]) -> web.StreamResponse:
+async def _crash(request: web.BaseRequest, params: Mapping[str, str]) -> web.StreamResponse:
     raise RuntimeError("secret internals")
 
 
@@ -274,11 +274,11 @@ EXTRA = (
 )
 
 
-def make_app(calls: Calls, monitoring: FakeMonitoring, options: RestOptions) -> web.Application:
+def make_app(calls: Calls, monitoring: FakeMonitoring, options: RestOptions) -> RestHandler:
     servicers = [FakeAuth(calls), FakeProduce(calls), FakeConsume(calls), monitoring]
     endpoints = build_endpoints(SERVICES, servicers, TokenGuard())
     endpoints += build_endpoints([service("EchoService")], [FakeEcho(calls)], TokenGuard())
-    return build_rest_app(endpoints, options)
+    return build_rest_handler(endpoints, options)
 
 
 @dataclass
@@ -301,7 +301,7 @@ async def server() -> AsyncIterator[Server]:
     calls = Calls()
     monitoring = FakeMonitoring(calls)
     options = RestOptions(max_body_bytes=LIMIT, extra_routes=EXTRA, unbound_methods=True)
-    runner = web.AppRunner(make_app(calls, monitoring, options), access_log=None)
+    runner = rest_runner(make_app(calls, monitoring, options))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -740,7 +740,7 @@ async def test_cors_preflight(server: Server) -> None:
 async def test_cors_with_listed_origins() -> None:
     calls = Calls()
     options = RestOptions(cors_origins=("https://app.example",))
-    runner = web.AppRunner(make_app(calls, FakeMonitoring(calls), options), access_log=None)
+    runner = rest_runner(make_app(calls, FakeMonitoring(calls), options))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -852,7 +852,7 @@ def threaded_server() -> Iterator[tuple[str, int]]:
     options = RestOptions(max_body_bytes=LIMIT, extra_routes=EXTRA[:2], unbound_methods=True)
     app = make_app(calls, FakeMonitoring(calls), options)
     loop = asyncio.new_event_loop()
-    runner = web.AppRunner(app, access_log=None)
+    runner = rest_runner(app, loop=loop)
     loop.run_until_complete(runner.setup())
     site = web.TCPSite(runner, "127.0.0.1", 0)
     loop.run_until_complete(site.start())

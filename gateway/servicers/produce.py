@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Sequence
+from functools import lru_cache
 
 import orjson
 from memgw.v1 import produce_pb2
@@ -12,11 +13,12 @@ from memgw.v1 import produce_pb2
 from gateway.broker import Broker, OutMessage
 from gateway.calls import CallContext
 from gateway.errors import InvalidArgument
-from gateway.servicers.common import header_lookup, header_value, message_headers, station_name
+from gateway.servicers.common import header_lookup, message_headers, station_name
 
 TEXT_TYPES = ("application/json", "application/x-protobuf")
 IDEMPOTENCY_HEADERS = header_lookup("Idempotency-Key", "msg-id", "Nats-Msg-Id")
 PARTITION_HEADERS = header_lookup("Partition-Key")
+KEY_HEADERS = IDEMPOTENCY_HEADERS | PARTITION_HEADERS
 STREAM_FRAMES_IN_FLIGHT = 4
 
 
@@ -24,7 +26,9 @@ def media_type(content_type: str) -> str:
     return content_type.split(";", 1)[0].strip().lower()
 
 
-def check_content_type(content_type: str, accepted: Sequence[str], prefix: str | None) -> None:
+@lru_cache(maxsize=256)
+def check_content_type(content_type: str, accepted: tuple[str, ...], prefix: str | None) -> None:
+    """InvalidArgument (415) unless ``content_type`` is accepted (accepted ones are cached)."""
     media = media_type(content_type)
     if media in accepted or (prefix is not None and media.startswith(prefix)):
         return
@@ -36,13 +40,19 @@ def check_content_type(content_type: str, accepted: Sequence[str], prefix: str |
 def out_message(
     data: bytes, headers: dict[str, str], idempotency_key: str = "", partition_key: str = ""
 ) -> OutMessage:
-    """A message to produce; ``headers`` is shared, not copied (messages of a batch share one dict)."""
-    return OutMessage(
-        data=data,
-        headers=headers,
-        idempotency_key=idempotency_key or header_value(headers, IDEMPOTENCY_HEADERS),
-        partition_key=partition_key or header_value(headers, PARTITION_HEADERS),
-    )
+    """A message to produce; ``headers`` is shared, not copied (messages of a batch share one dict).
+
+    A key not given explicitly comes from the first header naming it (Idempotency-Key, Partition-Key)."""
+    if headers and not (idempotency_key and partition_key):
+        for key, value in headers.items():
+            lower = key.lower()
+            if lower not in KEY_HEADERS:
+                continue
+            if lower in IDEMPOTENCY_HEADERS:
+                idempotency_key = idempotency_key or value
+            else:
+                partition_key = partition_key or value
+    return OutMessage(data=data, headers=headers, idempotency_key=idempotency_key, partition_key=partition_key)
 
 
 def json_elements(body: bytes) -> list[bytes]:

@@ -1,0 +1,49 @@
+"""Coarse deadlines: never early, at most a tick late, cancellable, idle when empty."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from gateway.deadlines import Deadlines
+
+
+async def test_fires_after_its_time_and_within_a_tick() -> None:
+    d = Deadlines(resolution_s=0.01)
+    fired: list[tuple[str, float]] = []
+    start = time.monotonic()
+    for name, delay in (("b", 0.05), ("a", 0.02), ("c", 0.08)):
+        d.at(start + delay, lambda n: fired.append((n, time.monotonic() - start)), name)
+    await asyncio.sleep(0.15)
+    assert [n for n, _ in fired] == ["a", "b", "c"]
+    for (_, at), due in zip(fired, (0.02, 0.05, 0.08), strict=True):
+        assert due <= at < due + 0.05  # a tick late at most, plus this machine's scheduling noise
+    assert len(d) == 0
+
+
+async def test_cancelled_never_fires_and_the_tick_stops() -> None:
+    d = Deadlines(resolution_s=0.01)
+    fired: list[int] = []
+    keys = [d.at(time.monotonic() + 0.02, fired.append, i) for i in range(100)]
+    for key in keys[1:]:
+        d.cancel(key)
+    d.cancel(keys[1])  # twice is harmless
+    await asyncio.sleep(0.06)
+    assert fired == [0]
+    assert d._tick is None  # nothing pending: no timer left running
+
+
+def test_a_new_loop_starts_clean() -> None:
+    d = Deadlines(resolution_s=0.01)
+    fired: list[str] = []
+
+    async def arm_and_leave() -> None:
+        d.at(time.monotonic() + 10, fired.append, "old")
+
+    async def arm_and_wait() -> None:
+        d.at(time.monotonic() + 0.01, fired.append, "new")
+        await asyncio.sleep(0.05)
+
+    asyncio.run(arm_and_leave())
+    asyncio.run(arm_and_wait())
+    assert fired == ["new"] and len(d) == 0
