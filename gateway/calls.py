@@ -50,7 +50,8 @@ class CallContext:
 
     protocol: str  # "grpc" or "rest"
     metadata: Mapping[str, str]  # lower-case keys
-    peer: str = ""
+    # who calls, asked only when a log line needs it (a gRPC peer() costs more than the rest of a call's context)
+    peer_of: Callable[[], str | None] | None = field(default=None, repr=False)
     deadline: float | None = None  # time.monotonic() based
     principal: Principal | None = None
     request_bytes: int = 0  # size of the request body / message, for byte-rate limits
@@ -58,6 +59,14 @@ class CallContext:
     # Response metadata the servicer wants sent (gRPC initial metadata / HTTP headers).
     response_headers: dict[str, str] = field(default_factory=dict)
     expired: bool = False  # the deadline passed and the call was cancelled for it
+    _peer: str | None = field(default=None, repr=False)
+
+    @property
+    def peer(self) -> str:
+        """The caller's address ("" if unknown)."""
+        if self._peer is None:
+            self._peer = (self.peer_of() if self.peer_of is not None else None) or ""
+        return self._peer
 
     def time_remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()

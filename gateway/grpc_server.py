@@ -25,8 +25,9 @@ def _context(context: grpc.aio.ServicerContext[Any, Any]) -> CallContext:
     remaining = context.time_remaining()
     return CallContext(
         protocol="grpc",
-        metadata={k.lower(): v for k, v in context.invocation_metadata() or () if isinstance(v, str)},
-        peer=context.peer() or "",
+        # gRPC metadata keys are lower-case on the wire (grpc core refuses others); -bin values are bytes
+        metadata={k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)},
+        peer_of=context.peer,
         deadline=None if remaining is None else time.monotonic() + remaining,
     )
 
@@ -42,14 +43,14 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: GatewayErro
     await context.abort_with_status(rpc_status.to_status(status))
 
 
-async def _send_headers(context: grpc.aio.ServicerContext[Any, Any], ctx: CallContext) -> None:
-    if ctx.response_headers:
-        await context.send_initial_metadata(tuple((k.lower(), v) for k, v in ctx.response_headers.items()))
+async def _send_headers(context: grpc.aio.ServicerContext[Any, Any], headers: dict[str, str]) -> None:
+    await context.send_initial_metadata(tuple((k.lower(), v) for k, v in headers.items()))
 
 
 def _handler(endpoint: Endpoint) -> grpc.RpcMethodHandler:
     deserialize = endpoint.request_type.FromString
     serialize = endpoint.response_type.SerializeToString
+    sized = not endpoint.client_streaming and endpoint.guard.meters_bytes  # the Guard's bytes/s limit wants sizes
 
     if endpoint.server_streaming:
         async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
@@ -66,13 +67,14 @@ def _handler(endpoint: Endpoint) -> grpc.RpcMethodHandler:
 
     async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         ctx = _context(context)
-        if not endpoint.client_streaming:
+        if sized:
             ctx.request_bytes = request.ByteSize()
         try:
             response = await endpoint.unary(request, ctx)
         except GatewayError as error:
             await _abort(context, error)
-        await _send_headers(context, ctx)
+        if ctx.response_headers:
+            await _send_headers(context, ctx.response_headers)
         return response
 
     make = grpc.stream_unary_rpc_method_handler if endpoint.client_streaming else grpc.unary_unary_rpc_method_handler
@@ -103,6 +105,8 @@ def build_grpc_server(
     server.add_generic_rpc_handlers(
         [grpc.method_handlers_generic_handler(name, handlers) for name, handlers in services.items()]
     )
+    for name, handlers in services.items():  # as grpcio's generated code: matched in grpc core, not in Python
+        server.add_registered_method_handlers(name, handlers)
     names = [*services, reflection.SERVICE_NAME]
     if health_servicer is not None:
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -96,7 +96,7 @@ class MemphisBroker:
         try:
             key = internal_name(station)
             route = session.routes.get(key) or await self._route(session, station, key)
-            return await self._publish_all(session, route, station, messages)
+            return await self._publish_all(session, route, station, key, messages)
         finally:
             session.in_use -= 1
             session.last_used = time.monotonic()
@@ -118,10 +118,11 @@ class MemphisBroker:
         # the headers memphis-py adds to every message, encoded once
         base = encode_headers({"$memphis_producedBy": PRODUCER_NAME,
                                "$memphis_connectionId": m.connection_id or ""})[len(HEADER_LINE):-2]
-        return Route(producer=producer, subjects=subjects, rr=itertools.cycle(sorted(subjects)), base_headers=base)
+        return Route(producer=producer, subjects=subjects, rr=itertools.cycle(sorted(subjects)), base_headers=base,
+                     only_subject=next(iter(subjects.values())) if len(subjects) == 1 else "")
 
     async def _publish_all(
-        self, session: Session, route: Route, station: str, messages: Sequence[OutMessage]
+        self, session: Session, route: Route, station: str, key: str, messages: Sequence[OutMessage]
     ) -> list[str | None]:
         """Publish every message with all of them in flight; answer once the broker stored them.
 
@@ -134,7 +135,7 @@ class MemphisBroker:
         blocks: dict[int, bytes] = {}  # header block per distinct headers dict (a batch shares one)
         items: list[tuple[str, bytes, bytes]] = []  # (subject, header block, payload)
         positions: list[int] = []
-        validate = self._schema(session, route, station) is not None
+        validate = self._schema(session, route, station, key) is not None
         for i, message in enumerate(messages):
             payload = message.data
             if validate:
@@ -149,7 +150,8 @@ class MemphisBroker:
             else:
                 block = blocks.get(id(message.headers)) or blocks.setdefault(
                     id(message.headers), encode_headers(message.headers, route.base_headers))
-            items.append((route.subjects[self._partition(route, message)], block, payload))
+            subject = route.only_subject or route.subjects[self._partition(route, message)]
+            items.append((subject, block, payload))
             positions.append(i)
         if not items:
             return errors
@@ -170,23 +172,22 @@ class MemphisBroker:
         else:
             for i, error in zip(positions, results, strict=True):
                 errors[i] = error
-        down = next((e for e in results if e is not None and e.startswith(UNAVAILABLE)), None)
-        if down is not None:  # the client retries the whole call (idempotency keys make that safe)
-            raise Unavailable(down, retry_after=RETRY_AFTER_S)
+        if any(results):
+            down = next((e for e in results if e is not None and e.startswith(UNAVAILABLE)), None)
+            if down is not None:  # the client retries the whole call (idempotency keys make that safe)
+                raise Unavailable(down, retry_after=RETRY_AFTER_S)
         return errors
 
     def _partition(self, route: Route, message: OutMessage) -> int:
-        if len(route.subjects) == 1:
-            return next(iter(route.subjects))
         if message.partition_key:
             return int(route.producer.get_partition_from_key(message.partition_key))
         return next(route.rr)
 
     @staticmethod
-    def _schema(session: Session, route: Route, station: str) -> Any:
+    def _schema(session: Session, route: Route, station: str, key: str) -> Any:
         """The station's schema (None without one), validators rebuilt when its push changed it (B6)."""
         m = session.memphis
-        schema = m.schema_updates_data.get(internal_name(station)) or None
+        schema = m.schema_updates_data.get(key) or None
         if schema is not None and schema is not route.schema_seen:
             m.update_schema_data(station)
             route.schema_seen = schema

@@ -63,8 +63,8 @@ class Publisher:
         self._sub: Any = None
 
     async def _subscribe(self) -> None:
-        self._prefix = self._nc.new_inbox()
-        self._sub = await self._nc.subscribe(f"{self._prefix}.*.*", cb=self._on_reply)
+        self._prefix = self._nc.new_inbox() + "."  # replies come on <prefix><batch>.<index>
+        self._sub = await self._nc.subscribe(f"{self._prefix}*.*", cb=self._on_reply)
 
     async def publish(self, items: Sequence[tuple[str, bytes, bytes]], seconds: float) -> list[str | None]:
         """Publish (subject, header block, payload) items; one error text or None per item, in order.
@@ -77,7 +77,7 @@ class Publisher:
         timers = deadlines()
         batch = _Batch(errors=[None] * len(items), remaining=len(items), done=timers.loop().create_future())
         self._batches[batch_id] = batch
-        prefix = f"{self._prefix}.{batch_id}."
+        prefix = f"{self._prefix}{batch_id}."
         if len(items) == 1:
             subject, header_block, payload = items[0]
             hdr_len = len(header_block)
@@ -113,8 +113,7 @@ class Publisher:
                 batch.done.set_exception(exc)
 
     async def _on_reply(self, msg: Any) -> None:
-        _, _, tail = msg.subject.rpartition(f"{self._prefix}.")
-        batch_id, _, index = tail.partition(".")
+        batch_id, _, index = msg.subject[len(self._prefix):].partition(".")
         batch = self._batches.get(int(batch_id))
         if batch is None:  # timed out already
             return

@@ -378,7 +378,8 @@ class _Transcoder:
             try:
                 metadata, headers = _headers(request, query_string, want_message_headers=headers_field)
                 ctx = CallContext(
-                    protocol="rest", metadata=metadata, peer=request.remote or "", deadline=_deadline(metadata, timeout)
+                    protocol="rest", metadata=metadata, peer_of=lambda: request.remote,
+                    deadline=_deadline(metadata, timeout),
                 )
                 if client_streaming:
                     frames = (b.decode_frame(line) async for line in _ndjson_lines(request, limit))

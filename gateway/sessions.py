@@ -63,6 +63,7 @@ class Route:
     rr: itertools.cycle[int]
     schema_seen: Any = None  # the schema_updates_data entry the validator was built from
     base_headers: bytes = b""  # the header lines memphis-py adds to every message, encoded
+    only_subject: str = ""  # the subject when the station has one partition
 
 
 @dataclass(slots=True, kw_only=True)
@@ -175,8 +176,8 @@ class SessionPool:
     def ready(self, creds: Credentials) -> Session | None:
         """The open session of ``creds`` if there is one (the hot path: no await); else use ``get``."""
         session = self._sessions.get(creds)
-        if session is not None and usable(session):
-            return session
+        if session is not None and session.memphis.is_connection_active and not session.nc.is_closed:
+            return session  # usable(), inline: this runs on every call
         return None
 
     async def get(self, creds: Credentials) -> Session:

@@ -49,7 +49,8 @@ def message_headers(*sources: Mapping[str, str]) -> dict[str, str]:
     """Merge header maps into message headers, refusing reserved keys and CR/LF."""
     merged: dict[str, str] = {}
     for source in sources:
-        for key, value in source.items():
+        for key in source:  # not .items(): a protobuf map's is a slow Python-level view
+            value = source[key]
             if not _kept(key):
                 continue
             if not _BAD_VALUE_CHARS.isdisjoint(value):
