@@ -27,6 +27,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import grpc
@@ -244,7 +245,8 @@ async def _ndjson_lines(request: web.BaseRequest, limit: int) -> AsyncIterator[b
 
 # ---------------------------------------------------------------- the transcoder
 
-Serve = Callable[[web.BaseRequest, dict[str, str], str, dict[str, str]], Awaitable[web.StreamResponse]]
+Serve = Callable[[web.BaseRequest, Mapping[str, str], str, dict[str, str]], Awaitable[web.StreamResponse]]
+ROUTE_CACHE_SIZE = 1024  # recent (method, raw path) -> RPC route and captures
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,10 +255,11 @@ class _Route:
     template: PathTemplate
     serve: Serve  # (request, captured, query_string, cors headers)
     first: str | None = None  # template.first_literal, looked up once
+    rpc: bool = True  # False for an ExtraRoute
 
     @classmethod
-    def of(cls, method: str, template: PathTemplate, serve: Serve) -> _Route:
-        return cls(method, template, serve, template.first_literal)
+    def of(cls, method: str, template: PathTemplate, serve: Serve, rpc: bool = True) -> _Route:
+        return cls(method, template, serve, template.first_literal, rpc)
 
 
 class _Transcoder:
@@ -271,12 +274,13 @@ class _Transcoder:
         )
         routes = [_Route.of(b.http_method, b.template, self._server_for(b)) for b in bindings]
         for extra in options.extra_routes:
-            routes.append(_Route.of(extra.method.upper(), compile_template(extra.template), self._extra(extra)))
+            routes.append(_Route.of(extra.method.upper(), compile_template(extra.template), self._extra(extra), False))
         self.routes = tuple(routes)
         by_method: dict[str, list[_Route]] = {}
         for r in routes:
             by_method.setdefault(r.method, []).append(r)
         self.by_method = {m: tuple(rs) for m, rs in by_method.items()}
+        self.recent: dict[tuple[str, str], tuple[_Route, Mapping[str, str]]] = {}
 
     # ------------------------------------------------------------ dispatch
 
@@ -291,6 +295,9 @@ class _Transcoder:
             raw = request.rel_url.raw_path_qs
         path, _, query_string = raw.partition("?")
         method = request.method
+        hit = self.recent.get((method, path))
+        if hit is not None:  # clients call the same few paths over and over: skip the matching
+            return await hit[0].serve(request, hit[1], query_string, cors)
         try:
             components = split_path(path.partition("#")[0])
             first = components[0]
@@ -301,7 +308,7 @@ class _Transcoder:
                     continue
                 params = route.template.match_components(components)
                 if params is not None:
-                    return await route.serve(request, params, query_string, cors)
+                    return await route.serve(request, self._remember(method, path, route, params), query_string, cors)
             if method == "HEAD":
                 for route in self.by_method.get("GET", ()):
                     params = route.template.match_components(components)
@@ -318,6 +325,16 @@ class _Transcoder:
             return self._preflight(request, allowed, cors)
         err = GatewayError("Method Not Allowed", http_status=405, code=grpc.StatusCode.UNIMPLEMENTED)
         return error_response(err, 0, {**cors, "Allow": ", ".join(allowed)})
+
+    def _remember(self, method: str, path: str, route: _Route, params: dict[str, str]) -> Mapping[str, str]:
+        """Cache an RPC route match (read-only captures: every later request shares them)."""
+        if not route.rpc:
+            return params
+        if len(self.recent) >= ROUTE_CACHE_SIZE:
+            self.recent.clear()
+        frozen = MappingProxyType(params)
+        self.recent[(method, path)] = (route, frozen)
+        return frozen
 
     def _cors(self, request: web.BaseRequest) -> dict[str, str]:
         origin = request.headers.get("Origin")
@@ -339,7 +356,7 @@ class _Transcoder:
 
     def _extra(self, route: ExtraRoute) -> Serve:
         async def serve(
-            request: web.BaseRequest, params: dict[str, str], _qs: str, cors: dict[str, str]
+            request: web.BaseRequest, params: Mapping[str, str], _qs: str, cors: dict[str, str]
         ) -> web.StreamResponse:
             try:
                 resp = await route.handler(request, params)
@@ -372,7 +389,7 @@ class _Transcoder:
         content_type = "application/octet-stream" if b.raw_response else JSON
 
         async def serve(
-            request: web.BaseRequest, params: dict[str, str], query_string: str, cors: dict[str, str]
+            request: web.BaseRequest, params: Mapping[str, str], query_string: str, cors: dict[str, str]
         ) -> web.StreamResponse:
             ctx: CallContext | None = None
             try:

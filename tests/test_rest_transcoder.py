@@ -442,6 +442,19 @@ async def test_http_body_request_keeps_bytes_and_content_type(server: Server) ->
     assert server.calls.last("ProduceSingle")[1].request_bytes == len(payload)
 
 
+async def test_repeated_paths_keep_their_own_captures(server: Server) -> None:
+    """Route matches are cached per (method, raw path): each path still gets its own captures."""
+    seen = []
+    for station in ["a1", "b%2D2", "a1", "c3", "b%2D2", "a1"]:
+        status, _, _ = await server.call("POST", f"/stations/{station}/produce/single", b"{}",
+                                         {**AUTH, "Content-Type": "application/json"})
+        assert status == 200
+        seen.append(server.calls.last("ProduceSingle")[0].station)
+    assert seen == ["a1", "b-2", "a1", "c3", "b-2", "a1"]
+    status, _, _ = await server.call("GET", "/stations/a1/produce/single", None, AUTH)
+    assert status == 405  # the cached POST match is not a GET match
+
+
 async def test_http_body_request_is_never_json_decoded(server: Server) -> None:
     status, _, _ = await server.call("POST", "/stations/s/produce/batch", b"[not json", {**AUTH, "Content-Type": "x/y"})
     assert status == 200
