@@ -1,6 +1,6 @@
 """Benchmark the gateway against the limits of the same broker, in the same run.
 
-    python bench/run.py [--duration S] [--quick] [--runs N] [--loadgen auto|native|python] [--no-pin]
+    python bench/run.py [--duration S] [--quick] [--runs N] [--only KEYS] [--loadgen auto|native|python] [--no-pin]
 
 Starts its own nats-server (loopback, temporary directory), the gateway, and two minimal
 baseline servers, then measures with 256-byte messages:

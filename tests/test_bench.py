@@ -25,6 +25,22 @@ def quick_config() -> Config:
     return Config.from_args(argparse.Namespace(quick=True, duration=None, runs=None))
 
 
+def test_only_adds_the_baselines_and_filters_the_table() -> None:
+    import argparse
+
+    cfg = Config.from_args(argparse.Namespace(quick=True, duration=None, runs=None, only="single,stream"))
+    assert cfg.only == {"single", "B", "stream", "A"}
+    res = {k: Measure(1.0, "x", p50_ms=1.0, p99_ms=1.0) for k in ("A", "B", "single", "stream")}
+    res["rss"] = Measure(50.0, "MB")
+    text, ok = table(cfg, res)
+    labels = {line.split("|")[0].strip() for line in text.splitlines()[2:] if "|" in line}
+    assert all(label.startswith(("A ", "B ", "GW REST produce/single", "GW gRPC stream", "GW peak RSS"))
+               for label in labels), labels
+    assert ok  # rows left out are not failures
+    with pytest.raises(SystemExit):
+        Config.from_args(argparse.Namespace(quick=True, duration=None, runs=None, only="singel"))
+
+
 def test_payload_is_compact_json_of_the_message_size() -> None:
     import json
 
