@@ -9,9 +9,10 @@ batch when the last acknowledgement arrives. The broker's answers are the
 same PubAcks nats-py reads: ``{"stream": ..., "seq": ...}`` or ``{"error": ...}``,
 and a 503 status message when no stream listens on the subject.
 
-It uses nats-py's private write path (``_send_command``, ``_flush_pending``, and
-``_flush_queue`` to kick the flusher once per flush, as nats-py's own ``publish``
-does): the NATS wire protocol they write is stable; nats-py is pinned below 3 for them.
+It uses nats-py's private write path (``_send_command``, and ``_flush_queue`` to kick
+its flusher once per flush, as nats-py's own ``publish`` does, with ``_flush_pending``
+as the fallback): the NATS wire protocol they write is stable; nats-py is pinned below
+3 for them.
 """
 
 from __future__ import annotations
@@ -61,8 +62,14 @@ class Publisher:
         self._batches: dict[int, _Batch] = {}
         self._ids = itertools.count(1)
         self._sub: Any = None
+        # What kicks nats-py's flusher: it writes what is pending, then resolves the future it took
+        # unless done. _flush_pending() would make a new one (and a coroutine) per kick; nothing
+        # waits on this one, so one resolved future serves every kick.
+        self._kick: asyncio.Future[None] | None = None
 
     async def _subscribe(self) -> None:
+        self._kick = asyncio.get_running_loop().create_future()
+        self._kick.set_result(None)
         self._prefix = self._nc.new_inbox() + "."  # replies come on <prefix><batch>.<index>
         self._sub = await self._nc.subscribe(f"{self._prefix}*.*", cb=self._on_reply)
 
@@ -96,8 +103,11 @@ class Publisher:
         try:
             nc = self._nc
             await nc._send_command(command)
-            if nc._flush_queue is None or nc._flush_queue.empty():  # as nats-py's publish: one kick per flush
-                await nc._flush_pending()
+            queue, flusher = nc._flush_queue, nc._flusher_task
+            if queue is None or flusher is None or flusher.done():
+                await nc._flush_pending()  # it knows what to do without a running flusher
+            elif queue.empty():  # as nats-py's publish: one kick of its flusher per flush
+                queue.put_nowait(self._kick)
             await batch.done
         finally:
             timers.cancel(expiry)
