@@ -1,6 +1,6 @@
 """The REST transcoder: HTTP requests -> Endpoint calls, by the protos' ``google.api.http`` rules.
 
-One catch-all aiohttp route feeds our own dispatcher (grpc-gateway's ``ServeMux``):
+aiohttp's low-level server hands every request to our own dispatcher (grpc-gateway's ``ServeMux``):
 the first binding, in declaration order, whose method and template match wins;
 a path that matches only under another method is 405, anything else 404, both
 with grpc-gateway's ``{"code": ..., "message": ...}`` body. Non-RPC routes
