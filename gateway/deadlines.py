@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 RESOLUTION_S = 0.01
+log = logging.getLogger("gateway.deadlines")
 
 
 class Deadlines:
@@ -55,12 +57,17 @@ class Deadlines:
     def _fire(self) -> None:
         now = time.monotonic()
         due = [key for key, (when, _, _) in self._entries.items() if when <= now]
-        for key in due:
-            entry = self._entries.pop(key, None)
-            if entry is not None:
-                entry[1](entry[2])
-        assert self._loop is not None
-        self._tick = self._loop.call_later(self._resolution, self._fire) if self._entries else None
+        try:
+            for key in due:
+                entry = self._entries.pop(key, None)
+                if entry is not None:
+                    try:
+                        entry[1](entry[2])
+                    except Exception:  # one failing callback must not stop the others, or the ticking
+                        log.exception("deadline callback %r failed", entry[1])
+        finally:
+            assert self._loop is not None
+            self._tick = self._loop.call_later(self._resolution, self._fire) if self._entries else None
 
 
 class _PerThread(threading.local):

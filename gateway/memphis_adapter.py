@@ -145,8 +145,8 @@ class MemphisBroker:
                     errors[i] = exc.message
                     continue
             if message.idempotency_key:
-                key = message.idempotency_key
-                block = encode_headers({**message.headers, "Nats-Msg-Id": key, "msg-id": key}, route.base_headers)
+                msg_id = message.idempotency_key
+                block = encode_headers({**message.headers, "Nats-Msg-Id": msg_id, "msg-id": msg_id}, route.base_headers)
             else:
                 block = blocks.get(id(message.headers)) or blocks.setdefault(
                     id(message.headers), encode_headers(message.headers, route.base_headers))

@@ -85,24 +85,17 @@ class Publisher:
         batch = _Batch(errors=[None] * len(items), remaining=len(items), done=timers.loop().create_future())
         self._batches[batch_id] = batch
         prefix = f"{self._prefix}{batch_id}."
-        if len(items) == 1:
-            subject, header_block, payload = items[0]
+        commands = []
+        for i, (subject, header_block, payload) in enumerate(items):
             hdr_len = len(header_block)
-            command = (f"HPUB {subject} {prefix}0 {hdr_len} {hdr_len + len(payload)}\r\n".encode()
-                       + header_block + payload + _CRLF)
-        else:
-            commands = []
-            for i, (subject, header_block, payload) in enumerate(items):
-                hdr_len = len(header_block)
-                commands.append(
-                    f"HPUB {subject} {prefix}{i} {hdr_len} {hdr_len + len(payload)}\r\n".encode()
-                    + header_block + payload + _CRLF
-                )
-            command = b"".join(commands)
+            commands.append(
+                f"HPUB {subject} {prefix}{i} {hdr_len} {hdr_len + len(payload)}\r\n".encode()
+                + header_block + payload + _CRLF
+            )
         expiry = timers.at(time.monotonic() + seconds, _expire, batch.done)
         try:
             nc = self._nc
-            await nc._send_command(command)
+            await nc._send_command(b"".join(commands))
             queue, flusher = nc._flush_queue, nc._flusher_task
             if queue is None or flusher is None or flusher.done():
                 await nc._flush_pending()  # it knows what to do without a running flusher

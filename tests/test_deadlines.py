@@ -47,3 +47,18 @@ def test_a_new_loop_starts_clean() -> None:
     asyncio.run(arm_and_leave())
     asyncio.run(arm_and_wait())
     assert fired == ["new"] and len(d) == 0
+
+
+async def test_a_failing_callback_stops_neither_the_others_nor_the_ticking() -> None:
+    d = Deadlines(resolution_s=0.01)
+    fired: list[str] = []
+
+    def boom(_: object) -> None:
+        raise RuntimeError("boom")
+
+    now = time.monotonic()
+    d.at(now + 0.01, boom, None)
+    d.at(now + 0.01, fired.append, "same tick")
+    d.at(now + 0.05, fired.append, "later tick")
+    await asyncio.sleep(0.12)
+    assert fired == ["same tick", "later tick"]
