@@ -176,13 +176,11 @@ class SessionPool:
     def ready(self, creds: Credentials) -> Session | None:
         """The open session of ``creds`` if there is one (the hot path: no await); else use ``get``."""
         session = self._sessions.get(creds)
-        if session is not None and session.memphis.is_connection_active and not session.nc.is_closed:
-            return session  # usable(), inline: this runs on every call
-        return None
+        return session if session is not None and usable(session) else None
 
     async def get(self, creds: Credentials) -> Session:
-        session = self._sessions.get(creds)
-        if session is not None and usable(session):
+        session = self.ready(creds)
+        if session is not None:
             session.last_used = time.monotonic()
             return session
         async with self._connecting.setdefault(creds, asyncio.Lock()):

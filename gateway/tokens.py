@@ -82,7 +82,8 @@ class TokenService:
     def verify(self, token: str, kind: str) -> tuple[Principal, Credentials]:
         """The principal and credentials of a valid token of ``kind``; Unauthenticated otherwise."""
         cached = self._verified.get(token)
-        if cached is not None and cached[1] == kind and cached[0] > time.time():
+        if _fresh(cached, kind):
+            assert cached is not None
             return cached[2], cached[3]
         principal, creds, expiry = self._verify(token, kind)
         if len(self._verified) >= self.CACHE_SIZE:
@@ -98,7 +99,8 @@ class TokenService:
 
         A cache of its own: a bare token is a key of ``_verified``, and must not pass as a header."""
         cached = self._by_header.get(value) if value else None
-        if cached is not None and cached[1] == kind and cached[0] > time.time():
+        if _fresh(cached, kind):
+            assert cached is not None
             return cached[2], cached[3]
         token = bearer(value)
         if not token.isascii():  # a JWT is base64url; non-UTF-8 header bytes would not even encode
@@ -165,6 +167,11 @@ class TokenService:
         return Credentials(
             username=username, account_id=account_id, password=password, connection_token=connection_token
         )
+
+
+def _fresh(cached: tuple[float, str, Principal, Credentials] | None, kind: str) -> bool:
+    """A cache entry for a token of ``kind`` that has not expired."""
+    return cached is not None and cached[1] == kind and cached[0] > time.time()
 
 
 def bearer(metadata_value: str | None) -> str:
