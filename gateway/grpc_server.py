@@ -14,7 +14,7 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from grpc_status import rpc_status
 
 from gateway.calls import CallContext, Endpoint
@@ -102,14 +102,30 @@ def build_grpc_server(
     services: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
     for endpoint in endpoints:
         services.setdefault(endpoint.service.full_name, {})[endpoint.method.name] = _handler(endpoint)
+    # Generic handlers only: grpc.aio's accept loop keeps one pending request future per registered
+    # method and runs asyncio.wait() over all of them for every incoming call, so each registered
+    # method would cost every call (about 15 methods with health and reflection).
     server.add_generic_rpc_handlers(
         [grpc.method_handlers_generic_handler(name, handlers) for name, handlers in services.items()]
     )
-    for name, handlers in services.items():  # as grpcio's generated code: matched in grpc core, not in Python
-        server.add_registered_method_handlers(name, handlers)
     names = [*services, reflection.SERVICE_NAME]
+    generic_only = _GenericOnly(server)
     if health_servicer is not None:
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, generic_only)
         names.append(health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
-    reflection.enable_server_reflection(names, server)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(names), generic_only)
     return server
+
+
+class _GenericOnly:
+    """A server as grpcio's generated ``add_*Servicer_to_server`` sees it: their generic
+    handler is added, their method registration dropped (see ``build_grpc_server``)."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Iterable[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers(tuple(handlers))
+
+    def add_registered_method_handlers(self, _service: str, _handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        pass

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +53,23 @@ def _expire(done: asyncio.Future[None]) -> None:
         done.set_exception(TimeoutError())
 
 
+class _ReplySink:
+    """Where nats-py delivers the publisher's replies: in its read loop, with no queue or task.
+
+    nats-py hands a message for a subscription made with ``future=`` to ``future.set_result``
+    (the path of its one-shot requests), and otherwise puts it on the subscription's queue,
+    whose task then calls the callback: one queue put, one task wake-up and one coroutine
+    per acknowledgement. This sink takes every reply the first way."""
+
+    __slots__ = ("set_result",)
+
+    def __init__(self, on_reply: Callable[[Any], None]) -> None:
+        self.set_result = on_reply
+
+    def cancelled(self) -> bool:
+        return False
+
+
 class Publisher:
     """Publishes batches with every message in flight; one instance per nats connection."""
 
@@ -71,7 +88,7 @@ class Publisher:
         self._kick = asyncio.get_running_loop().create_future()
         self._kick.set_result(None)
         self._prefix = self._nc.new_inbox() + "."  # replies come on <prefix><batch>.<index>
-        self._sub = await self._nc.subscribe(f"{self._prefix}*.*", cb=self._on_reply)
+        self._sub = await self._nc.subscribe(f"{self._prefix}*.*", future=_ReplySink(self._on_reply))
 
     async def publish(self, items: Sequence[tuple[str, bytes, bytes]], seconds: float) -> list[str | None]:
         """Publish (subject, header block, payload) items; one error text or None per item, in order.
@@ -115,12 +132,16 @@ class Publisher:
             if not batch.done.done():
                 batch.done.set_exception(exc)
 
-    async def _on_reply(self, msg: Any) -> None:
+    def _on_reply(self, msg: Any) -> None:
+        """One acknowledgement, in nats-py's read loop (see ``_ReplySink``): it must not raise."""
         batch_id, _, index = msg.subject[len(self._prefix):].partition(".")
-        batch = self._batches.get(int(batch_id))
-        if batch is None:  # timed out already
+        try:
+            batch = self._batches.get(int(batch_id))
+            i = int(index)
+        except ValueError:  # not a reply to us: nothing publishes there but the broker
             return
-        i = int(index)
+        if batch is None or not 0 <= i < len(batch.errors):  # timed out already
+            return
         data = msg.data
         if not data:  # a status message: 503 no responders (no stream, or no stream leader)
             status = (msg.headers or {}).get("Status", "")
