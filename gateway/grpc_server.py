@@ -99,15 +99,11 @@ def build_grpc_server(
         ("grpc.http2.max_pings_without_data", 0),
     ]
     server = grpc.aio.server(options=options)
-    services: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
-    for endpoint in endpoints:
-        services.setdefault(endpoint.service.full_name, {})[endpoint.method.name] = _handler(endpoint)
-    # Generic handlers only: grpc.aio's accept loop keeps one pending request future per registered
-    # method and runs asyncio.wait() over all of them for every incoming call, so each registered
-    # method would cost every call (about 15 methods with health and reflection).
-    server.add_generic_rpc_handlers(
-        [grpc.method_handlers_generic_handler(name, handlers) for name, handlers in services.items()]
-    )
+    # One generic handler for every method: one dict lookup finds a call's handler. Not registered
+    # methods: grpc.aio's accept loop keeps one pending request per registered method and runs
+    # asyncio.wait() over all of them for every incoming call, so each one would cost every call.
+    server.add_generic_rpc_handlers([_Methods({endpoint.full_name: _handler(endpoint) for endpoint in endpoints})])
+    services = list(dict.fromkeys(endpoint.service.full_name for endpoint in endpoints))
     names = [*services, reflection.SERVICE_NAME]
     generic_only = _GenericOnly(server)
     if health_servicer is not None:
@@ -115,6 +111,16 @@ def build_grpc_server(
         names.append(health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(names), generic_only)
     return server
+
+
+class _Methods(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
+    """Method handlers by full path ("/package.Service/Method")."""
+
+    def __init__(self, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self._handlers = handlers
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        return self._handlers.get(handler_call_details.method)
 
 
 class _GenericOnly:

@@ -38,3 +38,26 @@ async def test_reflection_lists_the_services(gw: Clients) -> None:
     assert {"memgw.v1.AuthService", "memgw.v1.ProduceService", "memgw.v1.ConsumeService",
             "memgw.v1.MonitoringService", "grpc.health.v1.Health"} <= services
     assert file_name == "memgw/v1/produce.proto"
+
+
+@pytest.mark.parametrize("method", ["/memgw.v1.ProduceService/ProduceNothing", "/memgw.v1.NoService/ProduceSingle",
+                                    "/grpc.health.v1.Health/Nope", "ProduceSingle"])
+async def test_an_unknown_method_is_unimplemented(gw: Clients, method: str) -> None:
+    call = gw.channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call(b"")
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_every_endpoint_and_health_answer_by_full_path(gw: Clients) -> None:
+    """Each endpoint is found by its full path (an empty request is refused for what it is, never UNIMPLEMENTED)."""
+    for endpoint in gw.gateway.endpoints:
+        if endpoint.client_streaming or endpoint.server_streaming:
+            continue
+        call = gw.channel.unary_unary(endpoint.full_name, request_serializer=None, response_deserializer=None)
+        try:
+            await call(b"", timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() != grpc.StatusCode.UNIMPLEMENTED, endpoint.full_name
+    reply = await health_pb2_grpc.HealthStub(gw.channel).Check(health_pb2.HealthCheckRequest())
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
