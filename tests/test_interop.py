@@ -6,9 +6,11 @@ import asyncio
 import uuid
 
 import pytest
+from memgw.v1 import produce_pb2
 from memphis import Headers, Memphis
 
-from tests.harness import ROOT_PASSWORD, ROOT_USER, Clients, running_gateway, settings_for
+from tests.conftest import connect_root
+from tests.harness import ROOT_PASSWORD, ROOT_USER, Clients, bearer, running_gateway, settings_for
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +81,47 @@ async def test_partitioned_station_round_trip(gw: Clients, sdk) -> None:
             break
         await asyncio.sleep(0)
     assert sorted(got, key=int) == [str(i) for i in range(9)]
+
+
+async def test_a_partition_key_keeps_its_partition_as_memphis_py_picks_it(gw: Clients, sdk, nats_server) -> None:
+    """Messages with one key land in one partition, the one memphis-py's own producer picks
+    for that key, whether the key comes as a gRPC field, a REST header or a REST query parameter."""
+    m, _ = sdk
+    name = f"pk-{uuid.uuid4().hex[:8]}"
+    await m.station(name=name, partitions_number=3, timeout_retries=0)
+    producer = await m.producer(station_name=name, producer_name="pk-sdk", timeout_retries=0)
+    keys = [f"key-{i}" for i in range(8)]
+    expected = {key: int(producer.get_partition_from_key(key)) for key in keys}
+    assert len(set(expected.values())) > 1  # the keys spread: the test can tell partitions apart
+    rest_token, grpc_token = await gw.rest_token(), await gw.grpc_token()
+    for key in keys:
+        for i in range(3):
+            data = f"{key}/{i}".encode()
+            if i == 0:
+                await gw.produce.ProduceSingle(
+                    produce_pb2.ProduceSingleRequest(station=name, body={"content_type": "text/plain", "data": data},
+                                                     partition_key=key), metadata=bearer(grpc_token))
+                continue
+            path, headers = f"/stations/{name}/produce/single", {"Content-Type": "text/plain"}
+            if i == 1:
+                headers["Partition-Key"] = key
+            else:
+                path += f"?partitionKey={key}"
+            status, body, _ = await gw.post(path, raw=data, token=rest_token, headers=headers)
+            assert status == 200, body
+    nc = await connect_root(nats_server)
+    try:
+        js = nc.jetstream()
+        found: dict[str, set[int]] = {key: set() for key in keys}
+        for partition in (1, 2, 3):
+            stream = f"{name}${partition}"
+            count = (await js.stream_info(stream)).state.messages
+            for seq in range(1, count + 1):
+                key = (await js.get_msg(stream, seq)).data.decode().partition("/")[0]
+                found[key].add(partition)
+        assert sum(len(v) for v in found.values()) == len(keys)  # one partition per key
+        assert {key: next(iter(parts)) for key, parts in found.items()} == expected
+        total = sum([(await js.stream_info(f"{name}${p}")).state.messages for p in (1, 2, 3)])
+        assert total == 3 * len(keys)
+    finally:
+        await nc.close()
