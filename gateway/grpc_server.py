@@ -7,7 +7,7 @@ reflection, so grpcurl and grpc-health-probe work without the protos.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import grpc
@@ -21,13 +21,23 @@ from gateway.calls import CallContext, Endpoint
 from gateway.errors import GatewayError
 
 
-def _context(context: grpc.aio.ServicerContext[Any, Any]) -> CallContext:
+def _context(context: grpc.aio.ServicerContext[Any, Any], *, peer_now: bool = False) -> CallContext:
+    """The call's context. Its peer is asked for only when a log line needs it (``context.peer()``
+    costs more than the rest of this), which is safe while the handler runs. A streaming answer's
+    generator may run its ``finally`` (and log) after grpc released the call: grpc leaves a
+    generator it stopped iterating to the garbage collector, and ``peer()`` on a released call
+    reads freed memory. So streams ask at once (``peer_now``)."""
     remaining = context.time_remaining()
+    if peer_now:
+        peer = context.peer()
+        peer_of: Callable[[], str | None] = lambda: peer  # noqa: E731
+    else:
+        peer_of = context.peer
     return CallContext(
         protocol="grpc",
         # gRPC metadata keys are lower-case on the wire (grpc core refuses others); -bin values are bytes
         metadata={k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)},
-        peer_of=context.peer,
+        peer_of=peer_of,
         deadline=None if remaining is None else time.monotonic() + remaining,
     )
 
@@ -54,7 +64,7 @@ def _handler(endpoint: Endpoint) -> grpc.RpcMethodHandler:
 
     if endpoint.server_streaming:
         async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            ctx = _context(context)
+            ctx = _context(context, peer_now=True)
             try:
                 async for response in endpoint.server_stream(request, ctx):
                     yield response

@@ -42,6 +42,7 @@ from gateway.errors import GatewayError, Internal, InvalidArgument
 from gateway.httprules import Binding, build_bindings
 from gateway.jsoncodec import dumps
 from gateway.pathtemplate import MalformedPathError, PathTemplate, compile_template, split_path, unescape
+from gateway.servicers.common import DROPPED_HEADERS
 
 __all__ = [
     "ExtraRoute", "RestHandler", "RestOptions", "build_rest_handler", "error_body", "error_response", "rest_runner",
@@ -53,13 +54,9 @@ ExtraHandler = Callable[[web.BaseRequest, Mapping[str, str]], Awaitable[web.Stre
 
 JSON = "application/json"
 NDJSON = "application/x-ndjson"
-_NOT_BOUND = frozenset(
-    {
-        "authorization", "cookie", "proxy-authorization", "connection", "keep-alive", "te", "trailer",
-        "transfer-encoding", "upgrade", "proxy-connection", "content-length", "host",
-        "content-encoding",  # the body is already decoded when it reaches the message
-    }
-)  # fmt: skip
+# Request headers that are no message header: those no message may carry (the servicers drop
+# them too, for gRPC), and the body's encoding, already undone when the body reaches the message.
+_NOT_BOUND = DROPPED_HEADERS | {"content-encoding"}
 _GRPC_TIMEOUT = re.compile(r"([0-9]{1,8})([HMSmun])")
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 _GONE_CHECK_S = 0.5  # how often a REST stream waiting for its next message checks its client is there
