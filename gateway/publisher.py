@@ -11,8 +11,9 @@ and a 503 status message when no stream listens on the subject.
 
 It uses nats-py's private write path (``_send_command``, and ``_flush_queue`` to kick
 its flusher once per flush, as nats-py's own ``publish`` does, with ``_flush_pending``
-as the fallback): the NATS wire protocol they write is stable; nats-py is pinned below
-3 for them.
+as the fallback), and takes replies the way nats-py's one-shot requests do
+(``subscribe(future=...)``, see ``_ReplySink``): the NATS wire protocol they write is
+stable; nats-py is pinned below 3 for them, and tests/test_publisher.py fails if they change.
 """
 
 from __future__ import annotations
