@@ -36,6 +36,7 @@ import asyncio
 import atexit
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -56,6 +57,7 @@ _LISTENING = re.compile(rb"Listening for client connections on \S*:(\d+)")
 _MONITORING = re.compile(rb"Starting http monitor on \S*:(\d+)")
 _READY = b"Server is ready"
 _running: set[subprocess.Popen[bytes]] = set()  # killed at exit if nobody stopped them
+log = logging.getLogger("gateway.embedded")
 
 
 class BrokerError(RuntimeError):
@@ -130,6 +132,11 @@ class EmbeddedBroker:
     def log_path(self) -> Path:
         return Path(self.data_dir) / "nats-server.log"
 
+    @property
+    def owner_path(self) -> Path:
+        """``[owner pid, server pid]`` of the last start: finds a server whose owner died."""
+        return Path(self.data_dir) / "nats-server.owner"
+
     def config(self) -> dict[str, Any]:
         """The nats-server configuration this broker runs with."""
         data_dir = Path(self.data_dir).resolve()
@@ -156,6 +163,7 @@ class EmbeddedBroker:
         """Start the server and wait until it accepts clients; a no-op if it is running."""
         if self.running:
             return
+        await asyncio.to_thread(self._stop_orphan)
         self._spawn(self.binary or find_nats_server())
         try:
             await self._wait_ready()
@@ -173,7 +181,7 @@ class EmbeddedBroker:
                 # Own session: a Ctrl-C in the terminal reaches the gateway, which drains and
                 # then stops the broker, instead of killing the broker under it.
                 self._proc = subprocess.Popen(
-                    [binary, "-c", str(self.config_path)],
+                    [binary, "-c", str(self.config_path.resolve())],
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
@@ -182,6 +190,42 @@ class EmbeddedBroker:
             except OSError as err:
                 raise BrokerError(f"cannot run nats-server {binary!r}: {err}") from err
         _running.add(self._proc)
+        self.owner_path.write_text(json.dumps([os.getpid(), self._proc.pid]))
+
+    def _stop_orphan(self) -> None:
+        """Stop the nats-server that a process which died without stopping it (SIGKILL, a crash)
+        left running on this data dir: it holds the port and the store. One whose owner still
+        runs is not touched: BrokerError instead."""
+        try:
+            owner, server = (int(pid) for pid in json.loads(self.owner_path.read_text()))
+        except (OSError, ValueError, TypeError):
+            return
+        parent = self._parent_if_ours(server)
+        if parent is None:  # gone, or the pid now belongs to another program
+            return
+        if parent == owner:
+            raise BrokerError(f"another process (pid {owner}) runs an embedded nats-server (pid {server}) on "
+                              f"{self.data_dir}: stop it first, or use another data directory")
+        log.warning("stopping nats-server pid %s, left running on %s by a process that died (pid %s)",
+                    server, self.data_dir, owner)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server, signal.SIGTERM)  # it flushes JetStream as on any stop
+            deadline, killed = time.monotonic() + self.stop_timeout, False
+            while self._parent_if_ours(server) is not None:  # until it is gone (and its port free)
+                if not killed and time.monotonic() > deadline:
+                    os.kill(server, signal.SIGKILL)
+                    killed = True
+                time.sleep(0.05)
+
+    def _parent_if_ours(self, pid: int) -> int | None:
+        """The parent pid of ``pid`` if it is a nats-server with this broker's configuration, else None."""
+        try:
+            if os.fsencode(self.config_path.resolve()) not in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
+                return None
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            return None if fields[0] == "Z" else int(fields[1])  # a zombie has exited
+        except (OSError, ValueError, IndexError):
+            return None
 
     async def _wait_ready(self) -> None:
         assert self._proc is not None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import socket
 import sys
 import urllib.request
@@ -135,3 +137,72 @@ async def test_monitoring_port_is_optional(tmp_path: Path) -> None:
         await broker.stop()
     with pytest.raises(ConnectionRefusedError):
         await asyncio.open_connection("127.0.0.1", broker.port)
+
+
+REPO = Path(__file__).resolve().parent.parent
+OWNER_SCRIPT = """
+import asyncio, sys
+from pathlib import Path
+from gateway.embedded import EmbeddedBroker
+
+async def main():
+    broker = EmbeddedBroker(data_dir=Path(sys.argv[1]), port=0, root_password=sys.argv[2])
+    await broker.start()
+    print(broker.port, broker.pid, flush=True)
+    await asyncio.sleep(120)
+
+asyncio.run(main())
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes() != b""  # a zombie has none
+    except OSError:
+        return False
+
+
+async def test_a_server_whose_owner_was_killed_is_stopped_at_the_next_start(tmp_path: Path) -> None:
+    """A gateway killed with SIGKILL cannot stop its nats-server; the next start on that data dir does."""
+    owner = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", OWNER_SCRIPT, str(tmp_path), ROOT_PASSWORD,
+        stdout=asyncio.subprocess.PIPE, cwd=REPO)
+    assert owner.stdout is not None
+    port, orphan = map(int, (await asyncio.wait_for(owner.stdout.readline(), 20)).split())
+    try:
+        nc = await nats.connect(f"nats://127.0.0.1:{port}", user=f"{ROOT_USER}$1", password=ROOT_PASSWORD)
+        js = nc.jetstream()
+        await js.add_stream(name="left$1", subjects=["left$1.>"])
+        await js.publish("left$1.final", b"kept")
+        await nc.close()
+        owner.kill()
+        await owner.wait()
+        assert _alive(orphan)  # left behind, still holding the port and the store
+
+        broker = EmbeddedBroker(data_dir=tmp_path, port=port, root_password=ROOT_PASSWORD)
+        await broker.start()
+        try:
+            assert not _alive(orphan)
+            assert broker.pid != orphan
+            assert await _stored_messages(broker, "left$1") == 1
+        finally:
+            await broker.stop()
+    finally:
+        if _alive(orphan):  # the test failed: do not leave it running
+            os.kill(orphan, signal.SIGKILL)
+
+
+async def test_a_running_owners_server_is_not_touched(tmp_path: Path) -> None:
+    first = EmbeddedBroker(data_dir=tmp_path, port=0, root_password=ROOT_PASSWORD)
+    await first.start()
+    try:
+        second = EmbeddedBroker(data_dir=tmp_path, port=0, root_password=ROOT_PASSWORD)
+        with pytest.raises(BrokerError, match=f"another process \\(pid {os.getpid()}\\) runs an embedded nats-server"):
+            await second.start()
+        assert first.running and not second.running
+        nc = await connect_root(first)
+        await nc.close()
+    finally:
+        await first.stop()
+    await first.start()  # its own restart: the old server is gone, nothing to refuse
+    await first.stop()
