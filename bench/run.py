@@ -644,7 +644,7 @@ def table(cfg: Config, res: dict[str, Measure]) -> tuple[str, bool]:
 async def environment(cfg: Config, pinning: Pinning, tools: Tools, work: Path, log: Callable[[str], None],
                       gateway_cmd: tuple[str, ...] | None = None) -> AsyncIterator[Env]:
     """nats-server, baselines B and C, the gateway (if it starts), pre-filled streams; all stopped after."""
-    from gateway.embedded import EmbeddedBroker
+    from gateway.embedded.server import EmbeddedBroker
 
     broker = EmbeddedBroker(data_dir=work / "nats", port=0, root_user="root", root_password="memphis")
     env: Env | None = None

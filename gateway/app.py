@@ -25,34 +25,35 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
-from importlib.metadata import version
 from typing import Any
 
 import nats
-import orjson
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2
 
-from gateway.calls import Endpoint, build_endpoints
-from gateway.catalog import Catalog
-from gateway.contract import SERVICES
-from gateway.controlplane import ControlPlane
-from gateway.embedded import EmbeddedBroker
-from gateway.grpc_server import build_grpc_server
-from gateway.guard import Guard
-from gateway.memphis_adapter import MemphisBroker
-from gateway.metrics import Metrics
-from gateway.openapi import openapi_route
-from gateway.rest import ExtraRoute, RestOptions, build_rest_handler, rest_runner
+from gateway.auth.guard import Guard
+from gateway.auth.tokens import TokenService
+from gateway.broker.adapter import MemphisBroker
+from gateway.broker.natsutil import parse_servers
+from gateway.broker.sessions import RECONNECT_WAIT_S
+from gateway.core.deadlines import timeout
+from gateway.core.keys import derive_key
+from gateway.embedded.catalog import Catalog
+from gateway.embedded.controlplane import ControlPlane
+from gateway.embedded.server import EmbeddedBroker
+from gateway.pages import metrics_route, root_route
+from gateway.rpc.call import Endpoint, build_endpoints
+from gateway.rpc.contract import SERVICES
+from gateway.rpc.grpc_server import build_grpc_server
+from gateway.rpc.metrics import Metrics
 from gateway.servicers.auth import AuthService
 from gateway.servicers.consume import ConsumeService
 from gateway.servicers.monitoring import MonitoringService
 from gateway.servicers.produce import ProduceService
-from gateway.sessions import RECONNECT_WAIT_S, parse_servers
 from gateway.settings import Settings
-from gateway.tokens import TokenService
+from gateway.transcoding.openapi import openapi_route
+from gateway.transcoding.server import RestOptions, build_rest_handler, rest_runner
 
 log = logging.getLogger("gateway")
 HEALTH_INTERVAL_S = 2.0
@@ -106,7 +107,8 @@ class Gateway:
             await self.control_plane.start(self.service_nc)
             log.info("control plane: answering Memphis's $memphis_* requests (catalog replicas: %d)", replicas)
         self.broker = MemphisBroker(
-            broker_url, timeout_s=s.broker_timeout_s, idle_s=s.session_idle_s, service_nc=self.service_nc
+            broker_url, timeout_s=s.broker_timeout_s, idle_s=s.session_idle_s,
+            ack_key=derive_key(s.jwt_secret, "ack-id"), service_nc=self.service_nc,
         )
         tokens = TokenService(s.jwt_secret)
         servicers = [
@@ -220,7 +222,7 @@ class Gateway:
             cors_origins=s.cors_origins,
             max_body_bytes=s.max_body_bytes,
             request_timeout_s=s.request_timeout_s,
-            extra_routes=(self.metrics.route(), root_route(), openapi_route(self.endpoints)),
+            extra_routes=(metrics_route(self.metrics), root_route(), openapi_route(self.endpoints)),
         )
 
     async def _watch_health(self) -> None:
@@ -263,25 +265,14 @@ class Gateway:
             await self.broker.close(timeout_s=CLOSE_BUDGET_S / 3)
         if self.control_plane is not None:
             with contextlib.suppress(Exception):
-                async with asyncio.timeout(CLOSE_BUDGET_S / 3):
+                async with timeout(CLOSE_BUDGET_S / 3):
                     await self.control_plane.stop()
         if self.service_nc is not None:
             with contextlib.suppress(Exception):
-                async with asyncio.timeout(CLOSE_BUDGET_S / 3):
+                async with timeout(CLOSE_BUDGET_S / 3):
                     await self.service_nc.close()
         if self.embedded is not None:
             # SIGTERM, then SIGKILL once the stop budget is spent (JetStream survives a kill -9)
             self.embedded.stop_timeout = max(0.5, drain + STOP_MARGIN_S - (time.monotonic() - started))
             await self.embedded.stop()
         log.info("stopped (drain %.2f s, total %.2f s)", drained, time.monotonic() - started)
-
-
-def root_route() -> ExtraRoute:
-    """GET /: what this is and where to look next (the Memphis REST gateway answered here too)."""
-    body = orjson.dumps({"service": "memphis-gateway", "version": version("memphis-gateway"),
-                         "openapi": "/openapi.json", "metrics": "/metrics", "status": "/monitoring/status"})
-
-    async def handler(request: web.BaseRequest, params: Mapping[str, str]) -> web.StreamResponse:
-        return web.Response(body=body, content_type="application/json")
-
-    return ExtraRoute(method="GET", template="/", handler=handler)

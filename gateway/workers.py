@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 
-from gateway.embedded import EmbeddedBroker
+from gateway.embedded.server import EmbeddedBroker
 from gateway.settings import ENV_PREFIX, Settings, SettingsError
 
 log = logging.getLogger("gateway.workers")

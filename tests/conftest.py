@@ -8,8 +8,8 @@ import nats
 import pytest
 from nats.aio.client import Client
 
-from gateway.controlplane import ControlPlane
-from gateway.embedded import EmbeddedBroker
+from gateway.embedded.controlplane import ControlPlane
+from gateway.embedded.server import EmbeddedBroker
 
 ROOT_USER, ROOT_PASSWORD = "root", "T3st-pw-7c1e9f"  # distinctive: tests look for it in tokens and logs
 

@@ -22,7 +22,7 @@ from memgw.v1 import consume_pb2, produce_pb2
 from memphis import Memphis
 from nats.js.api import AckPolicy, ConsumerConfig
 
-from gateway.embedded import ClusterSettings, EmbeddedBroker
+from gateway.embedded.server import ClusterSettings, EmbeddedBroker
 from tests.harness import ROOT_PASSWORD, ROOT_USER, Clients, bearer, running_gateway, settings_for
 
 NODES = 3

@@ -15,12 +15,12 @@ from nats.aio.client import Client
 from nats.js import api
 from nats.js.errors import NotFoundError
 
-from gateway.catalog import Catalog
-from gateway.controlplane import ControlPlane
-from gateway.embedded import EmbeddedBroker
-from gateway.errors import InvalidArgument
-from gateway.names import internal_name, produce_subject, stream_name, validate_name
-from gateway.specs import GroupSpec
+from gateway.core.errors import InvalidArgument
+from gateway.core.names import internal_name, produce_subject, stream_name, validate_name
+from gateway.embedded.catalog import Catalog
+from gateway.embedded.controlplane import ControlPlane
+from gateway.embedded.server import EmbeddedBroker
+from gateway.embedded.specs import GroupSpec
 from tests.conftest import ROOT_PASSWORD, ROOT_USER, connect_root
 
 Connect = Callable[[], Awaitable[Memphis]]
@@ -133,7 +133,7 @@ async def test_consumer_start_options(memphis: Connect) -> None:
 async def test_consumer_creates_a_missing_station(memphis: Connect, control_plane: ControlPlane) -> None:
     m = await memphis()
     consumer = await m.consumer("born.by-consumer", "early", timeout_retries=0)
-    info = await control_plane.station_info("born.by-consumer")
+    info = await control_plane.catalog.station_info("born.by-consumer")
     assert info is not None and info.internal_name == "born#by-consumer" and info.partitions == [1]
     await m.produce("born.by-consumer", "late", bytearray(b"hello"))
     assert [bytes(x.get_data()) for x in await consumer.fetch(1)] == [b"hello"]
@@ -146,7 +146,7 @@ async def test_station_destruction(memphis: Connect, nc: Client, control_plane: 
     await station.destroy(timeout_retries=0)
     with pytest.raises(NotFoundError):
         await nc.jetstream().stream_info("doomed$1")
-    assert await control_plane.station_info("doomed") is None
+    assert await control_plane.catalog.station_info("doomed") is None
     await station.destroy(timeout_retries=0)  # "does not exist" is tolerated by the SDK
     assert not await control_plane.catalog.destroy_station("doomed")
 
@@ -176,7 +176,7 @@ async def test_json_schema_is_enforced(memphis: Connect, tmp_path: Path, control
     await m.create_schema("order-schema", "json", str(schema), timeout_retries=0)  # "already exists": fine
     await m.station("validated", timeout_retries=0)
     await m.enforce_schema("order-schema", "validated", timeout_retries=0)
-    info = await control_plane.station_info("validated")
+    info = await control_plane.catalog.station_info("validated")
     assert info is not None and info.schema is not None and info.schema.type == "json"
 
     producer = await m.producer("validated", "prod", timeout_retries=0)
@@ -256,7 +256,7 @@ async def test_replicas_are_honoured(memphis: Connect, control_plane: ControlPla
     m = await memphis()
     with pytest.raises(MemphisError, match=r"(?i)replicas"):  # a single server cannot keep 3 copies
         await m.station("replicated", replicas=3, timeout_retries=0)
-    assert await control_plane.station_info("replicated") is None  # rolled back
+    assert await control_plane.catalog.station_info("replicated") is None  # rolled back
 
 
 async def test_malformed_requests_get_error_replies(nc: Client, control_plane: ControlPlane) -> None:
@@ -305,16 +305,16 @@ async def test_replicas_see_each_others_changes(nats_server: EmbeddedBroker, con
     other = Catalog()
     await other.open(other_nc)
     try:
-        info = await control_plane.ensure_station("shared")
+        info = await control_plane.catalog.ensure_station("shared")
         assert info.partitions == [1] and info.schema is None
         assert await other.station_info("shared") == info  # cached by both replicas now
-        assert await control_plane.ensure_station("Shared") == info  # names are case-insensitive
+        assert await control_plane.catalog.ensure_station("Shared") == info  # names are case-insensitive
         assert await other.destroy_station("shared")
         for _ in range(100):
-            if await control_plane.station_info("shared") is None:
+            if await control_plane.catalog.station_info("shared") is None:
                 break
             await asyncio.sleep(0.01)
-        assert await control_plane.station_info("shared") is None
+        assert await control_plane.catalog.station_info("shared") is None
     finally:
         await other.close()
         await other_nc.close()
@@ -323,7 +323,7 @@ async def test_replicas_see_each_others_changes(nats_server: EmbeddedBroker, con
 async def test_python_api(control_plane: ControlPlane) -> None:
     catalog = control_plane.catalog
     with pytest.raises(InvalidArgument, match="station name"):
-        await control_plane.ensure_station("no spaces")
+        await control_plane.catalog.ensure_station("no spaces")
     info = await catalog.ensure_consumer_group("api.station", GroupSpec(name="api-group"))
     assert info.stream(1) == "api#station$1" and info.name == "api.station"
     assert info.schema_update["schema_name"] == ""
@@ -333,7 +333,7 @@ async def test_python_api(control_plane: ControlPlane) -> None:
     assert info.schema == schema
     newer = await catalog.create_schema("api-schema", "json", '{"type": "integer"}')
     assert newer.version_number == 2
-    info2 = await control_plane.station_info("api.station")
+    info2 = await control_plane.catalog.station_info("api.station")
     assert info2 is not None and info2.schema == newer
     with pytest.raises(InvalidArgument, match="protobuf"):
         await catalog.create_schema("proto", "protobuf", 'syntax = "proto3";')

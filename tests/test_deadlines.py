@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from gateway.deadlines import Deadlines
+from gateway.core.deadlines import Deadlines
 
 
 async def test_fires_after_its_time_and_within_a_tick() -> None:

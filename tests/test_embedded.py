@@ -14,7 +14,7 @@ from pathlib import Path
 import nats
 import pytest
 
-from gateway.embedded import MAX_PAYLOAD, BrokerError, EmbeddedBroker, find_nats_server
+from gateway.embedded.server import MAX_PAYLOAD, BrokerError, EmbeddedBroker, find_nats_server
 from tests.conftest import ROOT_PASSWORD, ROOT_USER, connect_root
 
 
@@ -143,7 +143,7 @@ REPO = Path(__file__).resolve().parent.parent
 OWNER_SCRIPT = """
 import asyncio, sys
 from pathlib import Path
-from gateway.embedded import EmbeddedBroker
+from gateway.embedded.server import EmbeddedBroker
 
 async def main():
     broker = EmbeddedBroker(data_dir=Path(sys.argv[1]), port=0, root_password=sys.argv[2])

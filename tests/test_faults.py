@@ -25,7 +25,7 @@ import pytest
 from memgw.v1 import auth_pb2, consume_pb2, produce_pb2
 from nats.js.api import AckPolicy, ConsumerConfig
 
-from gateway.embedded import EmbeddedBroker
+from gateway.embedded.server import EmbeddedBroker
 from tests.conftest import connect_root
 from tests.harness import ROOT_USER, Clients, bearer, running_gateway, settings_for
 

@@ -47,7 +47,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from gateway.openapi import OPENAPI_PATH
+from gateway.transcoding.openapi import OPENAPI_PATH
 from tests.harness import Clients, running_gateway, settings_for
 
 BODY_LIMIT = 64 * 1024

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from memgw.v1 import consume_pb2, produce_pb2
 
-from gateway.calls import Endpoint, build_endpoints
-from gateway.contract import SERVICES
-from gateway.grpc_server import _handler
+from gateway.rpc.call import Endpoint, build_endpoints
+from gateway.rpc.contract import SERVICES
+from gateway.rpc.grpc_server import _handler
 from tests.test_rest_transcoder import TOKEN, Calls, FakeAuth, FakeConsume, FakeMonitoring, FakeProduce, TokenGuard
 
 PEER = "ipv4:127.0.0.1:50000"

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from memgw.v1 import auth_pb2, monitoring_pb2, produce_pb2
 
-from gateway.tokens import ALGORITHM, TokenService
+from gateway.auth.tokens import ALGORITHM, TokenService
 from tests.harness import JWT_SECRET, ROOT_PASSWORD, ROOT_USER, Clients, running_gateway, settings_for
 
 UNAUTHORIZED = {"message": "Unauthorized"}

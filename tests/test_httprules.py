@@ -1,4 +1,4 @@
-"""google.api.http rules -> bindings (gateway.httprules), on a test contract compiled here.
+"""google.api.http rules -> bindings (gateway.transcoding.bindings), on a test contract compiled here.
 
 ``ECHO`` (compiled once by protoc into the default descriptor pool) is the test contract that
 test_jsoncodec.py and test_rest_transcoder.py share: an echo service covering verbs, ``**``,
@@ -21,10 +21,11 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message_factory import GetMessageClass
 from memgw.v1 import options_pb2
 
-from gateway.calls import CallContext, Endpoint, build_endpoints
-from gateway.contract import SERVICES
-from gateway.errors import InvalidArgument
-from gateway.httprules import Binding, HttpRuleError, build_bindings, parse_text
+from gateway.core.errors import InvalidArgument
+from gateway.rpc.call import CallContext, Endpoint, build_endpoints
+from gateway.rpc.contract import SERVICES
+from gateway.transcoding.bindings import Binding, HttpRuleError, build_bindings
+from gateway.transcoding.convert import parse_text
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""JSON <-> protobuf (gateway.jsoncodec): strict decoding, the REST contract's encoding, speed."""
+"""JSON <-> protobuf (gateway.transcoding.jsoncodec): strict decoding, the REST contract's encoding, speed."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from memgw.v1 import auth_pb2, consume_pb2, monitoring_pb2, produce_pb2
 
-from gateway.errors import InvalidArgument
-from gateway.jsoncodec import INVALID_JSON, JsonDecodeError, codec_for, dumps
+from gateway.core.errors import InvalidArgument
+from gateway.transcoding.jsoncodec import INVALID_JSON, JsonDecodeError, codec_for, dumps
 from tests.test_httprules import message_class
 
 Echo = message_class("EchoRequest")

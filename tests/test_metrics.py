@@ -8,8 +8,8 @@ from typing import Any, cast
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.calls import Endpoint
-from gateway.metrics import BUCKETS, Metrics
+from gateway.rpc.call import Endpoint
+from gateway.rpc.metrics import BUCKETS, Metrics
 
 CALLS = [  # (method, code, seconds): on, between and beyond the bucket bounds
     ("/memgw.v1.ProduceService/ProduceSingle", "OK", 0.0004),

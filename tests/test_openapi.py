@@ -1,4 +1,4 @@
-"""The OpenAPI description (gateway.openapi): valid OpenAPI 3.1, every bound RPC, the codec's JSON shapes.
+"""The OpenAPI description (gateway.transcoding.openapi): valid OpenAPI 3.1, every bound RPC, the codec's JSON shapes.
 
 Checked on the product's contract and on the echo test contract of test_httprules.py (maps, enums,
 wrappers, verbs, ``**``, HttpBody both ways, streaming). The meta-schema is the OpenAPI 3.1 one
@@ -20,12 +20,12 @@ from memgw.v1 import consume_pb2, monitoring_pb2, produce_pb2
 from referencing import Registry, Resource
 from schemathesis.specs.openapi.definitions import OPENAPI_31
 
-from gateway.calls import Endpoint, build_endpoints
-from gateway.contract import SERVICES
-from gateway.httprules import build_bindings
-from gateway.jsoncodec import codec_for
-from gateway.openapi import openapi_document, openapi_route
-from gateway.rest import RestOptions, build_rest_handler, rest_runner
+from gateway.rpc.call import Endpoint, build_endpoints
+from gateway.rpc.contract import SERVICES
+from gateway.transcoding.bindings import build_bindings
+from gateway.transcoding.jsoncodec import codec_for
+from gateway.transcoding.openapi import openapi_document, openapi_route
+from gateway.transcoding.server import RestOptions, build_rest_handler, rest_runner
 from tests.test_httprules import AdmitAll, AnyMethod, message_class, service
 
 OPERATIONS = ("get", "put", "post", "delete", "patch", "options", "head", "trace")

@@ -1,4 +1,4 @@
-"""Path templates: the grammar, compilation and matching (gateway.pathtemplate)."""
+"""Path templates: the grammar, compilation and matching (gateway.transcoding.pathtemplate)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.pathtemplate import (
+from gateway.transcoding.pathtemplate import (
     DeepWildcard,
     InvalidTemplateError,
     Literal,

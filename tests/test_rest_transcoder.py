@@ -1,6 +1,6 @@
-"""The REST transcoder end to end (gateway.rest), over real loopback sockets, with fake servicers.
+"""The REST transcoder end to end (gateway.transcoding), over real loopback sockets, with fake servicers.
 
-Two contracts are served: the product's (``gateway.contract.SERVICES``, with the seed's routes and
+Two contracts are served: the product's (``gateway.rpc.contract.SERVICES``, with the seed's routes and
 error shapes) and the echo test contract of test_httprules.py (templates, verbs, ``**``, query
 parameters, ``HttpBody`` both ways, streaming). The servicers are fakes that record what they got,
 behind a Guard that wants ``Authorization: Bearer good-token`` on non-public methods.
@@ -26,9 +26,7 @@ from hypothesis import strategies as st
 from memgw.v1 import auth_pb2, consume_pb2, monitoring_pb2, produce_pb2
 from yarl import URL
 
-from gateway.calls import CallContext, Endpoint, build_endpoints
-from gateway.contract import SERVICES
-from gateway.errors import (
+from gateway.core.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -36,7 +34,9 @@ from gateway.errors import (
     Unauthenticated,
     Unavailable,
 )
-from gateway.rest import ExtraRoute, RestHandler, RestOptions, build_rest_handler, rest_runner
+from gateway.rpc.call import CallContext, Endpoint, build_endpoints
+from gateway.rpc.contract import SERVICES
+from gateway.transcoding.server import ExtraRoute, RestHandler, RestOptions, build_rest_handler, rest_runner
 from tests.test_httprules import message_class, service
 
 TOKEN = "good-token"

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from memgw.v1 import auth_pb2
 
-from gateway.broker import Broker
-from gateway.calls import CallContext
-from gateway.errors import InvalidArgument
-from gateway.tokens import REFRESH, Credentials, IssuedTokens, TokenService
+from gateway.auth.tokens import REFRESH, IssuedTokens, TokenService
+from gateway.broker.seam import Broker
+from gateway.core.errors import InvalidArgument
+from gateway.core.identity import Credentials
+from gateway.rpc.call import CallContext
 
 MAX_EXPIRY_MIN = 30 * 24 * 60  # 30 days
 

@@ -6,11 +6,10 @@ from collections.abc import AsyncIterator, Sequence
 
 from memgw.v1 import consume_pb2
 
-from gateway.broker import Broker, ConsumerSpec, InMessage
-from gateway.calls import CallContext
-from gateway.errors import InvalidArgument
-from gateway.names import validate_name
-from gateway.servicers.common import station_name
+from gateway.broker.seam import Broker, ConsumerSpec, InMessage
+from gateway.core.errors import InvalidArgument
+from gateway.core.names import station_name, validate_name
+from gateway.rpc.call import CallContext
 
 DEFAULT_GROUP = "rest-gateway"
 DEFAULT_BATCH = 10

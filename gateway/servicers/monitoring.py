@@ -5,9 +5,9 @@ from __future__ import annotations
 import psutil
 from memgw.v1 import monitoring_pb2
 
-from gateway.broker import Broker
-from gateway.calls import CallContext
-from gateway.errors import Unavailable
+from gateway.broker.seam import Broker
+from gateway.core.errors import Unavailable
+from gateway.rpc.call import CallContext
 
 
 class MonitoringService:

@@ -10,15 +10,13 @@ from functools import lru_cache
 import orjson
 from memgw.v1 import produce_pb2
 
-from gateway.broker import Broker, OutMessage
-from gateway.calls import CallContext
-from gateway.errors import InvalidArgument
-from gateway.servicers.common import header_lookup, message_headers, station_name
+from gateway.broker.seam import Broker, OutMessage
+from gateway.core.errors import InvalidArgument
+from gateway.core.headers import EMPTY, MessageHeaders, message_headers, with_headers
+from gateway.core.names import station_name
+from gateway.rpc.call import CallContext
 
 TEXT_TYPES = ("application/json", "application/x-protobuf")
-IDEMPOTENCY_HEADERS = header_lookup("Idempotency-Key", "msg-id", "Nats-Msg-Id")
-PARTITION_HEADERS = header_lookup("Partition-Key")
-KEY_HEADERS = IDEMPOTENCY_HEADERS | PARTITION_HEADERS
 STREAM_FRAMES_IN_FLIGHT = 4
 
 
@@ -35,24 +33,6 @@ def check_content_type(content_type: str, accepted: tuple[str, ...], prefix: str
     allowed = ", ".join([f"{prefix}*", *accepted] if prefix else accepted)
     shown = f"'{media}'" if media else "none"
     raise InvalidArgument(f"unsupported content type {shown}: use one of {allowed}", http_status=415)
-
-
-def out_message(
-    data: bytes, headers: dict[str, str], idempotency_key: str = "", partition_key: str = ""
-) -> OutMessage:
-    """A message to produce; ``headers`` is shared, not copied (messages of a batch share one dict).
-
-    A key not given explicitly comes from the first header naming it (Idempotency-Key, Partition-Key)."""
-    if headers and not (idempotency_key and partition_key):
-        for key, value in headers.items():
-            lower = key.lower()
-            if lower not in KEY_HEADERS:
-                continue
-            if lower in IDEMPOTENCY_HEADERS:
-                idempotency_key = idempotency_key or value
-            else:
-                partition_key = partition_key or value
-    return OutMessage(data=data, headers=headers, idempotency_key=idempotency_key, partition_key=partition_key)
 
 
 def json_elements(body: bytes) -> list[bytes]:
@@ -75,15 +55,10 @@ def json_elements(body: bytes) -> list[bytes]:
     return out
 
 
-def proto_messages(
-    messages: Sequence[produce_pb2.ProducedMessage], headers: dict[str, str]
-) -> list[OutMessage]:
+def proto_messages(messages: Sequence[produce_pb2.ProducedMessage], headers: MessageHeaders) -> list[OutMessage]:
     """gRPC messages, each with the shared ``headers`` plus its own."""
     return [
-        out_message(
-            m.data, {**headers, **message_headers(m.headers)} if m.headers else headers, m.idempotency_key,
-            m.partition_key,
-        )
+        OutMessage(data=m.data, headers=with_headers(headers, m.headers, m.idempotency_key, m.partition_key))
         for m in messages
     ]
 
@@ -100,9 +75,10 @@ class ProduceService:
     ) -> produce_pb2.ProduceSingleResponse:
         station = station_name(request.station)
         check_content_type(request.body.content_type, TEXT_TYPES, "text/")
-        message = out_message(
-            request.body.data, message_headers(request.headers), request.idempotency_key, request.partition_key
+        headers = message_headers(
+            request.headers, idempotency_key=request.idempotency_key, partition_key=request.partition_key
         )
+        message = OutMessage(data=request.body.data, headers=headers)
         [error] = await self._broker.produce(ctx.require_principal().credentials, station, [message])
         if error is not None:
             raise InvalidArgument(error)
@@ -115,7 +91,7 @@ class ProduceService:
         headers = message_headers(request.headers)
         if request.HasField("body"):
             check_content_type(request.body.content_type, ("application/json",), None)
-            messages = [out_message(data, headers) for data in json_elements(request.body.data)]
+            messages = [OutMessage(data=data, headers=headers) for data in json_elements(request.body.data)]
         else:
             messages = proto_messages(request.messages, headers)
         await self._produce_all(ctx, station, messages)
@@ -143,7 +119,7 @@ class ProduceService:
         try:
             async for frame in requests:
                 station = station_name(frame.station)
-                messages = proto_messages(frame.messages, {})
+                messages = proto_messages(frame.messages, EMPTY)
                 if len(in_flight) >= STREAM_FRAMES_IN_FLIGHT:
                     done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
                     for task in done:

@@ -1,0 +1,73 @@
+"""Admission of every call, gRPC or REST: the token, then the per-principal limits."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+from gateway.auth.ratelimit import TokenBuckets
+from gateway.auth.tokens import ACCESS, TokenService
+from gateway.core.errors import ResourceExhausted, Unauthenticated
+from gateway.rpc.call import CallContext, Endpoint
+
+log = logging.getLogger("gateway.auth")
+
+
+class Guard:
+    def __init__(
+        self,
+        tokens: TokenService,
+        *,
+        max_streams_per_principal: int = 16,
+        requests_per_s: float = 0,
+        bytes_per_s: float = 0,
+    ) -> None:
+        self._tokens = tokens
+        self._max_streams = max_streams_per_principal
+        self._streams: Counter[str] = Counter()
+        self._requests = TokenBuckets(requests_per_s, requests_per_s) if requests_per_s > 0 else None
+        self._bytes = TokenBuckets(bytes_per_s, bytes_per_s) if bytes_per_s > 0 else None
+
+    def admit(self, endpoint: Endpoint, ctx: CallContext) -> None:
+        if endpoint.public:
+            return
+        try:
+            ctx.principal, _ = self._tokens.verify_header(ctx.metadata.get("authorization"), ACCESS)
+        except Unauthenticated as exc:
+            log.info("refused %s %s from %s: %s", ctx.protocol, endpoint.full_name, ctx.peer or "-", exc.reason)
+            raise
+        session = ctx.principal.identity
+        if self._requests is not None or self._bytes is not None:
+            self._limit_rate(session, ctx)
+        if endpoint.server_streaming or endpoint.client_streaming:
+            if self._streams[session] >= self._max_streams:
+                ctx.principal = None  # nothing to release
+                raise ResourceExhausted(f"at most {self._max_streams} concurrent streams per user")
+            self._streams[session] += 1
+
+    def _limit_rate(self, session: str, ctx: CallContext) -> None:
+        wait = self._requests.take(session) if self._requests is not None else 0.0
+        if not wait and self._bytes is not None and ctx.request_bytes:
+            wait = self._bytes.take(session, ctx.request_bytes)
+        if wait:
+            ctx.principal = None  # nothing to release
+            raise ResourceExhausted(f"rate limit exceeded; retry in {wait:.2f} s", retry_after=wait)
+
+    @property
+    def meters_bytes(self) -> bool:
+        return self._bytes is not None
+
+    def charge(self, ctx: CallContext, nbytes: int) -> None:
+        """Charge one frame of a client stream to the caller's bytes/s budget."""
+        if self._bytes is None or ctx.principal is None:
+            return
+        wait = self._bytes.take(ctx.principal.identity, nbytes)
+        if wait:
+            raise ResourceExhausted(f"rate limit exceeded; retry in {wait:.2f} s", retry_after=wait)
+
+    def release(self, endpoint: Endpoint, ctx: CallContext) -> None:
+        if ctx.principal is not None and (endpoint.server_streaming or endpoint.client_streaming):
+            session = ctx.principal.identity
+            self._streams[session] -= 1
+            if self._streams[session] <= 0:
+                del self._streams[session]

@@ -1,0 +1,182 @@
+"""Consume: long-lived consumer groups, fetches that honour the caller's wait, acknowledgements.
+
+One memphis-py Consumer per (user, station, group), created once and kept: destroying
+the last consumer of a group on a Memphis server deletes its position. Fetches go to the
+group's pull subscriptions directly, since memphis-py's ``fetch()`` ignores its wait time
+(a fixed 5 s). Messages fetched beyond what one answer may hold stay unacknowledged in the
+group's carry for the next call.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+
+from gateway.broker.ackid import AckIds
+from gateway.broker.natsutil import DOWN, DOWN_SHORT, RETRY_AFTER_S, ping, unless_lost
+from gateway.broker.sdk import sdk_call
+from gateway.broker.seam import ConsumerSpec, InMessage
+from gateway.broker.sessions import Group, Session, SessionPool
+from gateway.core.deadlines import timeout
+from gateway.core.errors import Unavailable
+from gateway.core.identity import Credentials
+from gateway.core.names import internal_name
+
+SUBSCRIBE_POLL_S = 1.0
+HIDDEN_HEADERS = ("$memphis", "Nats-Msg-Id", "msg-id")
+ACK, NAK = b"+ACK", b"-NAK"
+MESSAGE_OVERHEAD = 64  # bytes an answer adds per message beyond its data and headers (framing, JSON)
+
+
+class Consuming:
+    """The consume half of :class:`gateway.broker.adapter.MemphisBroker`."""
+
+    def __init__(self, pool: SessionPool, timeout_s: float, ack_ids: AckIds) -> None:
+        self._pool = pool
+        self._timeout = timeout_s
+        self._ack_ids = ack_ids
+        self.draining = False  # stopping: streams end after their current fetch
+
+    async def fetch(
+        self, creds: Credentials, spec: ConsumerSpec, batch_size: int, max_wait_s: float
+    ) -> list[InMessage]:
+        deadline = time.monotonic() + max_wait_s
+        session = await self._pool.get(creds)
+        session.in_use += 1
+        try:
+            group = await self._group(session, spec)
+            # Concurrent fetches on one consumer are not guaranteed by the SDK: one at a time,
+            # but a caller waits for its turn only until its own deadline.
+            try:
+                async with timeout(max(deadline - time.monotonic(), 0.001)):
+                    await group.lock.acquire()
+            except TimeoutError:
+                return []
+            try:
+                msgs = group.carry[:batch_size]  # fetched earlier, beyond what an answer could hold
+                del group.carry[:batch_size]
+                if len(msgs) < batch_size:
+                    wait = deadline - time.monotonic() if not msgs else 0.01
+                    msgs += await self._fetch(session, group, batch_size - len(msgs), wait)
+                msgs, group.carry[:0] = _fit(msgs, spec.max_bytes)
+            finally:
+                group.lock.release()
+            return await self._hand_out(session, msgs, spec.explicit_ack)
+        finally:
+            session.in_use -= 1
+            session.last_used = time.monotonic()
+
+    async def subscribe(
+        self, creds: Credentials, spec: ConsumerSpec, batch_size: int
+    ) -> AsyncIterator[list[InMessage]]:
+        """Batches until the caller stops, or the gateway drains (the stream then ends cleanly).
+
+        Fetches are short so that a drain ends the stream within SUBSCRIBE_POLL_S, without
+        abandoning messages the broker already delivered (they would wait out their ack time)."""
+        while not self.draining:
+            batch = await self.fetch(creds, spec, batch_size, SUBSCRIBE_POLL_S)
+            if batch:
+                yield batch
+
+    async def _group(self, session: Session, spec: ConsumerSpec) -> Group:
+        key = (internal_name(spec.station), internal_name(spec.group))
+        return await session.once(session.groups, key, lambda: self._new_group(session, spec))
+
+    async def _new_group(self, session: Session, spec: ConsumerSpec) -> Group:
+        consumer = await sdk_call(
+            session.memphis.consumer(
+                station_name=spec.station,
+                consumer_name=spec.consumer_name,
+                consumer_group=spec.group,
+                timeout_retries=0,
+            ),
+            self._timeout,
+        )
+        subscriptions = [consumer.subscriptions[p] for p in sorted(consumer.subscriptions)]
+        return Group(consumer=consumer, subscriptions=subscriptions)
+
+    async def _fetch(self, session: Session, group: Group, batch_size: int, max_wait_s: float) -> list[Any]:
+        if not session.nc.is_connected:
+            raise Unavailable(DOWN, retry_after=RETRY_AFTER_S)
+        lost = session.lost()
+        deadline = time.monotonic() + max_wait_s
+        subs = group.subscriptions
+        out: list[Any] = []
+        while len(out) < batch_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0.001:
+                break
+            sub = subs[group.next_partition % len(subs)]
+            group.next_partition += 1
+            wait = remaining if len(subs) == 1 else max(remaining / len(subs), 0.05)
+            try:  # the connection dropped: what was delivered will be delivered again
+                out.extend(await unless_lost(sub.fetch(batch_size - len(out), timeout=min(wait, remaining)), lost))
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            except (nats.errors.ConnectionClosedError, nats.errors.NoRespondersError,
+                    nats.errors.OutboundBufferLimitError, nats.errors.ConnectionReconnectingError,
+                    nats.js.errors.ServiceUnavailableError) as exc:
+                if out:
+                    break
+                why = "the consumer group does not answer (no leader?)" if isinstance(
+                    exc, (nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError)) else DOWN_SHORT
+                raise Unavailable(f"broker unavailable: {why}; retry shortly", retry_after=RETRY_AFTER_S) from None
+        return out
+
+    async def _hand_out(self, session: Session, msgs: list[Any], explicit: bool) -> list[InMessage]:
+        result = [
+            InMessage(
+                data=msg.data,
+                headers={k: v for k, v in (msg.headers or {}).items() if not k.startswith(HIDDEN_HEADERS)},
+                ack_id=self._ack_ids.seal(msg.reply) if explicit else None,
+            )
+            for msg in msgs
+        ]
+        if msgs and not explicit:
+            await self._send_acks(session, [msg.reply for msg in msgs], ACK)
+        return result
+
+    async def _send_acks(self, session: Session, subjects: Sequence[str], payload: bytes) -> None:
+        """Publish acks and wait until the broker has them; the connection lost means redelivery."""
+        nc = session.nc
+        if not nc.is_connected:
+            raise Unavailable(DOWN, retry_after=RETRY_AFTER_S)
+        lost = session.lost()
+        try:
+            for subject in subjects:
+                await nc.publish(subject, payload)
+            answered = await ping(nc, self._timeout, lost)
+        except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError,
+                nats.errors.ConnectionReconnectingError):
+            answered = False
+        if not answered:
+            raise Unavailable(
+                "broker unavailable: the connection was lost before the acknowledgement reached the broker; "
+                "the messages will be delivered again", retry_after=RETRY_AFTER_S)
+
+    async def ack(self, creds: Credentials, station: str, ack_ids: Sequence[str], nack: bool) -> int:
+        session = await self._pool.get(creds)
+        subjects = [s for s in (self._ack_ids.open(ack_id, station) for ack_id in ack_ids) if s is not None]
+        if subjects:
+            await self._send_acks(session, subjects, NAK if nack else ACK)
+        return len(subjects)
+
+
+def _fit(msgs: list[Any], max_bytes: int) -> tuple[list[Any], list[Any]]:
+    """(what fits in an answer of ``max_bytes``, the rest); at least one message (0: no limit).
+
+    The rest stays unacknowledged in the group's carry for the next call (a gRPC answer cannot
+    exceed its message limit; acking and then failing to send would lose messages, and a nack
+    would spend one of their max_msg_deliveries)."""
+    if not max_bytes:
+        return msgs, []
+    size = 0
+    for i, msg in enumerate(msgs):
+        size += len(msg.data) + MESSAGE_OVERHEAD + sum(len(k) + len(v) for k, v in (msg.headers or {}).items())
+        if size > max_bytes and i > 0:
+            return msgs[:i], msgs[i:]
+    return msgs, []

@@ -1,0 +1,104 @@
+"""NATS helpers the broker package needs beyond nats-py: server lists, probes, pings, races."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import nats
+
+from gateway.core.deadlines import timeout
+from gateway.core.errors import Unauthenticated, Unavailable
+from gateway.core.identity import Credentials
+
+T = TypeVar("T")
+RETRY_AFTER_S = 1.0
+DOWN_SHORT = "the connection to the broker is lost and being re-established"
+DOWN = f"broker unavailable: {DOWN_SHORT}; retry shortly"
+
+
+def parse_servers(url: str) -> list[tuple[str, int]]:
+    """``nats://h1:p1,h2:p2`` (scheme optional, default port 6666) as (host, port) pairs."""
+    servers = []
+    for part in url.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        parts = urlsplit(part if "://" in part else f"nats://{part}")
+        host = parts.hostname or "127.0.0.1"
+        servers.append(("127.0.0.1" if host == "localhost" else host, parts.port or 6666))  # localhost: +1 s
+    return servers or [("127.0.0.1", 6666)]
+
+
+async def unless_lost(call: Awaitable[T], lost: asyncio.Future[None]) -> T:
+    """``await call``, or Unavailable as soon as the connection drops (nats-py would wait out its timeout)."""
+    task = asyncio.ensure_future(call)
+    try:
+        await asyncio.wait((task, lost), return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # our caller gave up
+        abandon_task(task)
+        raise
+    if not task.done():
+        abandon_task(task)
+        raise Unavailable(DOWN, retry_after=RETRY_AFTER_S)
+    return task.result()
+
+
+def abandon_task(task: asyncio.Future[Any]) -> None:
+    """Cancel, and retrieve whatever it ends with (nats-py may turn the cancellation into an error)."""
+    task.cancel()
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+
+async def ping(nc: Any, seconds: float, lost: asyncio.Future[None] | None = None) -> bool:
+    """PING, and whether the PONG came within ``seconds`` (and before ``lost``).
+
+    Instead of nats-py's flush(): on a timeout or a cancellation it cancels its PONG future,
+    still queued, and the late PONG then raises InvalidStateError in the connection's read
+    loop, which drops the connection. This PONG future is never cancelled."""
+    if not nc.is_connected:
+        return False
+    pong: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    try:
+        await nc._send_ping(pong)
+    except Exception:
+        return False
+    waits: tuple[asyncio.Future[Any], ...] = (pong,) if lost is None else (pong, lost)
+    await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    return pong.done()
+
+
+async def check_token(host: str, port: int, creds: Credentials, seconds: float) -> None:
+    """Unauthenticated if the broker refuses the connection token (one attempt, no reconnects)."""
+
+    async def quiet(_exc: Exception) -> None:
+        return None
+
+    try:
+        nc = await nats.connect(f"nats://{host}:{port}", token=creds.connection_token, allow_reconnect=False,
+                                connect_timeout=seconds, max_reconnect_attempts=0, error_cb=quiet)
+    except Exception as exc:
+        if "authorization" in str(exc).lower():
+            raise Unauthenticated(f"broker refused the connection token of {creds.username}") from None
+        return  # anything else: memphis-py's own connect reports it
+    await nc.close()
+
+
+async def probe(host: str, port: int, seconds: float) -> str | None:
+    """None when a NATS server answers at host:port, else why not (refused, silent, not NATS)."""
+    try:
+        async with timeout(seconds):
+            reader, writer = await asyncio.open_connection(host, port)
+            try:
+                line = await reader.readline()
+            finally:
+                writer.close()
+    except TimeoutError:
+        return f"no answer within {seconds:g} s"
+    except ConnectionRefusedError:
+        return "connection refused"
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    return None if line.startswith(b"INFO ") else "not a NATS server"

@@ -1,0 +1,89 @@
+"""memphis-py behind one module: its calls bounded by our deadline, its errors as ours, its bugs patched.
+
+memphis-py 1.3.1 is archived upstream; docs/memphis-py.md numbers the bugs worked around here
+and elsewhere in this package:
+
+- host "localhost" sleeps 1-2 s in connect: rewritten to 127.0.0.1 (``natsutil.parse_servers``);
+- nats-py's default error callback logs tracebacks on every reconnect: replaced (``Session.watch``);
+- ``m.producer()`` / ``m.consumer()`` are unlocked and ``consumer()`` is uncached: one lock and one
+  long-lived object per (user, station[, group]) (``Session.once``);
+- B3: idempotency keys go out as Nats-Msg-Id (stock nats-server) and msg-id (``publisher.encode_headers``);
+- B5: payloads go to validators as bytearray (:func:`validated`);
+- B6: schema validators are rebuilt when the station's schema push changes (``Producing._schema``);
+- B7: ``close()`` leaks consumer tasks: cancelled in :func:`close_session`;
+- B9: protobuf schemas use GetMessageClass instead of the removed GetPrototype (:func:`parse_descriptor`);
+- ``fetch()`` ignores its wait time (5 s fixed): the gateway fetches from the subscriptions (``consume``).
+
+memphis-py reports every failure as ``MemphisError`` with a text only, so :func:`sdk_call` is the
+one place that reads those texts.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+from typing import Any
+
+from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.message_factory import GetMessageClass
+from memphis import Memphis
+from memphis.exceptions import MemphisError, MemphisSchemaError
+from memphis.station import Station
+
+from gateway.broker.natsutil import RETRY_AFTER_S
+from gateway.core.deadlines import timeout
+from gateway.core.errors import InvalidArgument, Unavailable
+
+_UNREACHABLE_WORDS = ("timeout", "no responders", "connection")
+
+
+async def sdk_call(call: Any, seconds: float) -> Any:
+    """Await a memphis-py creation call with our deadline and our error types."""
+    try:
+        async with timeout(seconds):
+            return await call
+    except TimeoutError:
+        raise Unavailable(f"broker unavailable: no answer within {seconds:g} s", retry_after=RETRY_AFTER_S) from None
+    except MemphisError as exc:
+        text = str(exc)
+        if any(word in text.lower() for word in _UNREACHABLE_WORDS):
+            raise Unavailable(f"broker unavailable: {text}", retry_after=RETRY_AFTER_S) from None
+        raise InvalidArgument(text) from None
+
+
+async def validated(m: Memphis, station: str, data: bytes) -> bytes | bytearray:
+    """``data`` checked against the station's schema (InvalidArgument with the reason if it fails)."""
+    try:
+        checked: bytes | bytearray = await Station(m, station).validate_msg(bytearray(data))  # B5
+        return checked
+    except MemphisSchemaError as exc:
+        raise InvalidArgument(schema_error(str(exc))) from None
+    except Exception as exc:
+        raise InvalidArgument(schema_error(f"Schema validation has failed: {exc}")) from None
+
+
+def schema_error(text: str) -> str:
+    """memphis-py's text without its "memphis: " prefix and jsonschema's schema dump."""
+    text = text.removeprefix("memphis: ").strip()
+    return text.split("\n", 1)[0].strip()
+
+
+async def abandon(m: Memphis) -> None:
+    """Close what a failed or timed-out memphis-py connect left open."""
+    nc = getattr(m, "broker_manager", None)
+    if nc is not None:
+        with contextlib.suppress(Exception):
+            await nc.close()
+
+
+def parse_descriptor(m: Memphis, station: str) -> None:
+    """memphis-py's parse_descriptor with protobuf >= 6's GetMessageClass (B9)."""
+    active = m.schema_updates_data[station]["active_version"]
+    desc_set = descriptor_pb2.FileDescriptorSet()
+    desc_set.ParseFromString(base64.b64decode(active["descriptor"]))
+    pool = descriptor_pool.DescriptorPool()
+    for file in desc_set.file:
+        pool.Add(file)
+    package = desc_set.file[0].package
+    name = f"{package}.{active['message_struct_name']}" if package else active["message_struct_name"]
+    m.proto_msgs[station] = GetMessageClass(pool.FindMessageTypeByName(name))()

@@ -1,0 +1,71 @@
+"""The seam between the servicers and the message broker.
+
+The servicers see only :class:`Broker`; ``gateway.broker.adapter`` implements
+it over memphis-py (and its JetStream connection); unit tests may use a fake.
+Errors are raised as ``gateway.core.errors`` types: Unauthenticated for refused
+credentials, Unavailable when the broker cannot be reached, InvalidArgument for
+a message the station refuses (schema).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from gateway.core.headers import EMPTY, MessageHeaders
+from gateway.core.identity import Credentials
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutMessage:
+    """A message to produce."""
+
+    data: bytes
+    headers: MessageHeaders = EMPTY  # validated; a batch's messages share one
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InMessage:
+    """A consumed message; ack_id is set when the client must acknowledge it."""
+
+    data: bytes
+    headers: dict[str, str]
+    ack_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConsumerSpec:
+    station: str
+    consumer_name: str
+    group: str  # the broker-side consumer group name
+    explicit_ack: bool = False
+    max_bytes: int = 0  # hand out at most about this many bytes per batch (0: no limit); the rest waits
+
+
+class Broker(Protocol):
+    async def open_session(self, creds: Credentials) -> None:
+        """Connect as this user (proving the credentials) and keep the connection."""
+
+    async def produce(self, creds: Credentials, station: str, messages: Sequence[OutMessage]) -> list[str | None]:
+        """Produce with all messages in flight; one error text (or None) per message, in order.
+
+        Returns only once the broker stored every message that has no error."""
+
+    async def fetch(
+        self, creds: Credentials, spec: ConsumerSpec, batch_size: int, max_wait_s: float
+    ) -> list[InMessage]:
+        """Up to batch_size messages; early once batch_size are there, else after max_wait_s."""
+
+    def subscribe(self, creds: Credentials, spec: ConsumerSpec, batch_size: int) -> AsyncIterator[list[InMessage]]:
+        """Batches of messages until the caller stops iterating."""
+
+    async def ack(self, creds: Credentials, station: str, ack_ids: Sequence[str], nack: bool) -> int:
+        """Acknowledge (or nack) messages handed out in explicit mode; returns how many were valid."""
+
+    async def health(self) -> str | None:
+        """None when the broker answers, else why not."""
+
+    async def storage_bytes(self, creds: Credentials) -> int: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,274 @@
+"""A user's broker connection (memphis-py) and the pool that keeps them.
+
+One ``Session`` per set of credentials: a memphis-py connection with its nats-py
+client, the user's producers (one route per station) and consumer groups, and the
+publishes in flight. The pool opens sessions on first use, replaces those nats-py
+closed for good, and closes idle ones.
+
+Broker faults (nats-py reconnects by itself, forever; MEMPHIS.md "Reconnect"):
+- while a session's connection is down, calls fail at once with UNAVAILABLE (503)
+  instead of buffering into nats-py's reconnect buffer;
+- calls in flight when the connection drops fail at once too: the session fails
+  the futures it tracks, and waits race its ``lost`` future;
+- memphis-py's connect (its ping connection retries forever with
+  max_reconnect=-1) is probed first and bounded by the broker timeout;
+- ``host1:port1,host2:port2``: a new session tries each server in turn; nats-py
+  then also learns the cluster's other servers from the one it reached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from memphis import Memphis
+from memphis.exceptions import MemphisError
+
+from gateway.broker.natsutil import DOWN, DOWN_SHORT, RETRY_AFTER_S, check_token, parse_servers, probe
+from gateway.broker.publisher import Publisher
+from gateway.broker.sdk import abandon, parse_descriptor
+from gateway.core.deadlines import timeout
+from gateway.core.errors import Unauthenticated, Unavailable
+from gateway.core.identity import Credentials
+
+log = logging.getLogger("gateway.broker")
+K = TypeVar("K")
+V = TypeVar("V")
+
+__all__ = ["DOWN", "DOWN_SHORT", "RETRY_AFTER_S", "ConnectionLost", "Group", "Route", "Session", "SessionPool"]
+
+RECONNECT_WAIT_S = 0.5  # between reconnect attempts to one server: the recovery delay after a restart
+
+
+class ConnectionLost(Exception):
+    """Set on the publishes in flight when their connection drops."""
+
+
+@dataclass(slots=True, kw_only=True)
+class Route:
+    """Where one user's produce into one station goes."""
+
+    producer: Any  # memphis.Producer
+    subjects: dict[int, str]
+    rr: itertools.cycle[int]
+    schema_seen: Any = None  # the schema_updates_data entry the validator was built from
+    base_headers: bytes = b""  # the header lines memphis-py adds to every message, encoded
+    only_subject: str = ""  # the subject when the station has one partition
+
+
+@dataclass(slots=True, kw_only=True)
+class Group:
+    consumer: Any  # memphis.Consumer
+    subscriptions: list[Any]  # nats-py pull subscriptions, one per partition
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    next_partition: int = 0
+    carry: list[Any] = field(default_factory=list)  # fetched, unacknowledged, not yet handed out
+
+
+@dataclass(slots=True, kw_only=True)
+class Session:
+    memphis: Memphis
+    last_used: float
+    routes: dict[str, Route] = field(default_factory=dict)
+    groups: dict[tuple[str, str], Group] = field(default_factory=dict)
+    locks: dict[Any, asyncio.Lock] = field(default_factory=dict)
+    in_use: int = 0
+    label: str = ""
+    publisher: Publisher | None = None
+    _lost: asyncio.Future[None] | None = None
+    _down_since: float | None = None
+    nc: Any = field(init=False)  # memphis-py's nats-py client (it keeps one for the connection's life)
+
+    def __post_init__(self) -> None:
+        self.nc = self.memphis.broker_manager
+
+    @property
+    def js(self) -> Any:
+        return self.memphis.broker_connection
+
+    def lock(self, key: Any) -> asyncio.Lock:
+        return self.locks.setdefault(key, asyncio.Lock())
+
+    async def once(self, cache: dict[K, V], key: K, create: Callable[[], Awaitable[V]]) -> V:
+        """``cache[key]``, created once under a per-key lock (memphis-py's creations are unlocked,
+        and its consumer() is not cached: one long-lived object per station or group)."""
+        found = cache.get(key)
+        if found is not None:
+            return found
+        async with self.lock((id(cache), key)):
+            found = cache.get(key)
+            if found is None:
+                if not self.nc.is_connected:
+                    raise Unavailable(DOWN, retry_after=RETRY_AFTER_S)
+                found = cache[key] = await create()
+        return found
+
+    def lost(self) -> asyncio.Future[None]:
+        """A future resolved when the current connection drops (checked connected first)."""
+        if self._lost is None or self._lost.done():
+            self._lost = asyncio.get_running_loop().create_future()
+        return self._lost
+
+    def _fail_in_flight(self) -> None:
+        """The connection dropped: waits racing ``lost()`` end, and publishes awaiting their PubAck
+        fail at once (else they would wait for their deadline)."""
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)
+        if self.publisher is not None:
+            self.publisher.fail_all(ConnectionLost())
+
+    def watch(self) -> None:
+        """Replace memphis-py's callbacks (it prints) with ours: log, and fail calls in flight."""
+        nc = self.nc
+        nc._error_cb = self._on_error  # instead of nats-py's traceback printer
+        nc._disconnected_cb = self._on_disconnected
+        nc._reconnected_cb = self._on_reconnected
+        nc._closed_cb = self._on_closed
+
+    async def _on_disconnected(self) -> None:
+        self._fail_in_flight()
+        if self._down_since is None and not self.nc.is_closed:
+            self._down_since = time.monotonic()
+            log.warning("broker connection of %s lost; reconnecting", self.label)
+
+    async def _on_reconnected(self) -> None:
+        down = time.monotonic() - self._down_since if self._down_since is not None else 0.0
+        self._down_since = None
+        url = self.nc.connected_url
+        log.info("broker connection of %s re-established to %s after %.1f s", self.label,
+                 url.netloc if url is not None else "?", down)
+
+    async def _on_error(self, exc: Exception) -> None:
+        if self._down_since is None:  # while reconnecting, one line per outage is enough
+            log.warning("broker connection of %s: %s", self.label, type(exc).__name__ if not str(exc) else exc)
+        else:
+            log.debug("broker connection of %s: %s", self.label, exc)
+
+    async def _on_closed(self) -> None:
+        self._fail_in_flight()
+
+
+class SessionPool:
+    """The open sessions, one per credentials."""
+
+    def __init__(self, url: str, *, timeout_s: float, idle_s: float) -> None:
+        self._servers = parse_servers(url)
+        self._host, self._port = self._servers[0]
+        self._timeout = timeout_s
+        self._idle = idle_s
+        self._sessions: dict[Credentials, Session] = {}
+        self._connecting: dict[Credentials, asyncio.Lock] = {}
+        self._reaper: asyncio.Task[None] | None = None
+
+    def all(self) -> list[Session]:
+        return list(self._sessions.values())
+
+    def ready(self, creds: Credentials) -> Session | None:
+        """The open session of ``creds`` if there is one (the hot path: no await); else use ``get``."""
+        session = self._sessions.get(creds)
+        return session if session is not None and usable(session) else None
+
+    async def get(self, creds: Credentials) -> Session:
+        session = self.ready(creds)
+        if session is not None:
+            session.last_used = time.monotonic()
+            return session
+        async with self._connecting.setdefault(creds, asyncio.Lock()):
+            session = self._sessions.get(creds)
+            if session is None or not usable(session):
+                if session is not None:  # closed for good (nats-py gave up): replace it
+                    del self._sessions[creds]
+                    await close_session(session)
+                session = Session(memphis=await self._connect(creds), last_used=time.monotonic(),
+                                   label=creds.username)
+                session.watch()
+                self._sessions[creds] = session
+                if self._reaper is None:
+                    self._reaper = asyncio.create_task(self._reap_idle())
+        return session
+
+    async def _connect(self, creds: Credentials) -> Memphis:
+        """A memphis-py connection for ``creds``: each configured server in turn, each within the timeout."""
+        reasons = []
+        for host, port in self._servers:
+            if (why := await probe(host, port, min(self._timeout, 2.0))) is not None:
+                reasons.append(f"{host}:{port} ({why})")  # memphis-py would retry (and print) forever
+                continue
+            if creds.connection_token:  # memphis-py has no ping connection for tokens: it would retry
+                await check_token(host, port, creds, self._timeout)  # a refused token forever
+            m = Memphis()
+            try:
+                async with timeout(self._timeout):  # its ping connection would retry forever
+                    await m.connect(
+                        host=host,
+                        port=port,
+                        username=creds.username,
+                        account_id=creds.account_id,
+                        password=creds.password,
+                        connection_token=creds.connection_token,
+                        timeout_ms=int(self._timeout * 1000),
+                        reconnect=True,
+                        max_reconnect=-1,
+                        reconnect_interval_ms=int(RECONNECT_WAIT_S * 1000),
+                    )
+            except MemphisError as exc:
+                await abandon(m)
+                text = str(exc).lower()
+                if "authorization" in text or "authentication" in text:
+                    raise Unauthenticated(f"broker refused {creds.username}") from None
+                reasons.append(f"{host}:{port}")
+                continue
+            except TimeoutError:
+                await abandon(m)
+                reasons.append(f"{host}:{port} (no answer within {self._timeout:g} s)")
+                continue
+            m.parse_descriptor = lambda station, m=m: parse_descriptor(m, station)  # B9
+            log.info("broker connection opened for %s to %s:%d", creds.username, host, port)
+            return m
+        raise Unavailable(f"broker unavailable: cannot connect to {', '.join(reasons)}; retry shortly",
+                          retry_after=RETRY_AFTER_S)
+
+    async def _reap_idle(self) -> None:
+        while True:
+            await asyncio.sleep(min(30.0, self._idle / 2))
+            now = time.monotonic()
+            for creds, session in list(self._sessions.items()):
+                if session.in_use == 0 and now - session.last_used > self._idle:
+                    del self._sessions[creds]
+                    await close_session(session)
+                    log.info("idle broker connection closed for %s", creds.username)
+
+    async def close(self, timeout_s: float = 2.0) -> None:
+        """Close every session, giving up after ``timeout_s`` (a dead broker must not hold the exit)."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+        sessions, self._sessions = list(self._sessions.values()), {}
+        if not sessions:
+            return
+        closing = [asyncio.ensure_future(close_session(s)) for s in sessions]
+        _, late = await asyncio.wait(closing, timeout=timeout_s)
+        for task in late:
+            task.cancel()
+        if late:
+            log.warning("%d broker connections did not close within %g s", len(late), timeout_s)
+
+def usable(session: Session) -> bool:
+    """Connected or reconnecting; a connection nats-py closed for good is replaced."""
+    return bool(session.memphis.is_connection_active) and not session.nc.is_closed
+
+
+async def close_session(session: Session) -> None:
+    for group in session.groups.values():  # B7: close() leaves these running
+        for task in (group.consumer.t_ping, group.consumer.t_dls, group.consumer.t_consume):
+            if task is not None:
+                task.cancel()
+    if session.publisher is not None:
+        await session.publisher.close()
+    with contextlib.suppress(Exception):
+        await session.memphis.close()

@@ -1,0 +1,367 @@
+"""The station and schema catalog: Memphis metadata in JetStream KV, and the JetStream
+streams and durable consumers it stands for.
+
+What the Memphis server keeps in its database is kept here in two KV buckets, so that
+every gateway replica is stateless:
+
+* ``memgw_stations``: one ``StationSpec`` (JSON) per station;
+* ``memgw_schemas``: one schema (JSON) per name, with all its versions (the last is active).
+
+KV keys are the lower-cased names with ``.`` replaced by ``=`` (``#`` is no valid key
+character). A station of N partitions is N streams ``<internal>$<p>`` with subjects
+``<internal>$<p>.>``; a consumer group is one durable per partition stream
+(see ``gateway.core.names`` and MEMPHIS.md §1.2).
+
+Reads go through an in-process cache, invalidated by a plain subscription to the buckets'
+subjects, so changes made by other replicas are seen at once (and dropped after a reconnect,
+when invalidations may have been missed). Changes that memphis-py
+clients must hear about are pushed on the subjects the SDK listens to
+(``$memphis_schema_updates_<internal>``, ``$memphis_sdk_clients_updates``).
+
+Errors are ``gateway.core.errors`` types; their messages are the ones the Memphis server sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from typing import Any
+
+import grpc
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+from nats.js.errors import (
+    APIError,
+    BucketNotFoundError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NoKeysError,
+    NotFoundError,
+)
+from nats.js.kv import KeyValue
+
+from gateway.core.errors import GatewayError, InvalidArgument, NotFound, Unavailable
+from gateway.core.names import internal_name, stream_name
+from gateway.embedded.records import active_schema, broker_errors, check_name, dump, kv_key, station_spec
+from gateway.embedded.schemacheck import check_schema
+from gateway.embedded.specs import AlreadyExists, GroupSpec, SchemaInfo, StationInfo, StationSpec, no_schema_update
+
+log = logging.getLogger("gateway.controlplane")
+
+STREAM_NAME_IN_USE = 10058  # JetStream: stream name already in use with a different configuration
+
+
+class Catalog:
+    """Stations and schemas of one JetStream account. ``open`` before use."""
+
+    def __init__(
+        self, *, stations_bucket: str = "memgw_stations", schemas_bucket: str = "memgw_schemas", kv_replicas: int = 1
+    ) -> None:
+        self._buckets = (stations_bucket, schemas_bucket)
+        self._kv_replicas = kv_replicas
+        self._nc: Client | None = None
+        self._kvs: tuple[KeyValue, KeyValue] | None = None
+        self._subs: list[Subscription] = []
+        self._cache: dict[str, StationInfo] = {}
+        self._generation = 0  # bumped by every invalidation
+        self._reconnects = 0  # invalidations may have been missed while disconnected
+        self._verified: set[str] = set()  # stations whose streams this process has ensured
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    async def open(self, nc: Client) -> None:
+        js = nc.jetstream()
+        kvs: list[KeyValue] = []
+        with broker_errors():
+            for bucket in self._buckets:
+                try:
+                    kvs.append(await js.key_value(bucket))
+                except BucketNotFoundError:
+                    kvs.append(await js.create_key_value(bucket=bucket, history=1, replicas=self._kv_replicas))
+            self._subs = [await nc.subscribe(f"$KV.{bucket}.>", cb=self._invalidate) for bucket in self._buckets]
+        self._nc, self._kvs, self._reconnects = nc, (kvs[0], kvs[1]), nc.stats["reconnects"]
+
+    async def close(self) -> None:
+        subs, self._subs, self._kvs, self._cache = self._subs, [], None, {}
+        for sub in subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _invalidate(self, msg: Msg) -> None:
+        self._generation += 1
+        prefix = f"$KV.{self._buckets[0]}."
+        if msg.subject.startswith(prefix):
+            self._cache.pop(msg.subject[len(prefix) :], None)
+        else:
+            self._cache.clear()  # a schema changed, and stations embed their schema
+
+    @property
+    def _stations(self) -> KeyValue:
+        if self._kvs is None:
+            raise Unavailable("control plane not started")
+        return self._kvs[0]
+
+    @property
+    def _schemas(self) -> KeyValue:
+        if self._kvs is None:
+            raise Unavailable("control plane not started")
+        return self._kvs[1]
+
+    @property
+    def _js(self) -> JetStreamContext:
+        if self._nc is None:
+            raise Unavailable("control plane not started")
+        return self._nc.jetstream()
+
+    async def _get(self, kv: KeyValue, key: str) -> KeyValue.Entry | None:
+        with broker_errors():
+            try:
+                return await kv.get(key)
+            except KeyNotFoundError:
+                return None
+
+    async def _push(self, subject: str, payload: dict[str, Any]) -> None:
+        """Best effort: a lost push must not fail the request that caused it."""
+        try:
+            assert self._nc is not None
+            await self._nc.publish(subject, dump(payload))
+        except Exception as err:
+            log.warning("could not publish %s: %s", subject, err)
+
+    # Stations
+
+    async def station_info(self, name: str) -> StationInfo | None:
+        """The station called ``name``, or None if there is none."""
+        check_name(name, "station")
+        key = kv_key(name)
+        if self._nc is not None and self._nc.stats["reconnects"] != self._reconnects:
+            self._reconnects = self._nc.stats["reconnects"]
+            self._cache.clear()
+            self._generation += 1
+        if (hit := self._cache.get(key)) is not None:
+            return hit
+        generation = self._generation
+        entry = await self._get(self._stations, key)
+        if entry is None:
+            return None
+        info = await self._info(station_spec(entry.value))
+        if generation == self._generation:
+            self._cache[key] = info
+        return info
+
+    async def _info(self, spec: StationSpec) -> StationInfo:
+        schema = await self.schema_info(spec.schema_name) if spec.schema_name else None
+        return StationInfo(
+            name=spec.name,
+            internal_name=internal_name(spec.name),
+            partitions=list(range(1, spec.partitions_number + 1)),
+            schema=schema,
+            spec=spec,
+        )
+
+    async def create_station(self, spec: StationSpec) -> StationInfo:
+        """Create the station and its streams; ``AlreadyExists`` if it exists."""
+        spec = spec.normalized()
+        if spec.schema_name and await self.schema_info(spec.schema_name) is None:
+            raise NotFound(f"Schema {spec.schema_name} does not exist")
+        key = kv_key(spec.name)
+        async with self._locks[key]:
+            with broker_errors():
+                try:
+                    await self._stations.create(key, dump(asdict(spec) | {"created_at": time.time()}))
+                except KeyWrongLastSequenceError:
+                    entry = await self._get(self._stations, key)
+                    if entry is not None and key not in self._verified:
+                        await self._ensure_streams(station_spec(entry.value))  # heals a half-made station
+                    raise AlreadyExists(f"Station {spec.name} already exists") from None
+                try:
+                    await self._ensure_streams(spec)
+                except BaseException:
+                    await self._delete_streams(spec)
+                    await self._stations.delete(key)
+                    raise
+        log.info("created station %s (%d partitions)", spec.name, spec.partitions_number)
+        return await self._info(spec)
+
+    async def ensure_station(self, name: str) -> StationInfo:
+        """The station, created with the defaults (1 partition, 3600 s, file) if missing."""
+        info = await self.station_info(name)
+        if info is None:
+            try:
+                info = await self.create_station(StationSpec(name=name))
+            except AlreadyExists:
+                info = await self.station_info(name)
+        if info is None:
+            raise NotFound(f"Station {name} does not exist")
+        return info
+
+    async def destroy_station(self, name: str) -> bool:
+        """Delete the station, its streams and durables; False if there was none."""
+        check_name(name, "station")
+        key = kv_key(name)
+        async with self._locks[key]:
+            entry = await self._get(self._stations, key)
+            if entry is None:
+                return False
+            spec = station_spec(entry.value)
+            with broker_errors():
+                await self._delete_streams(spec)
+                await self._stations.delete(key)
+            self._cache.pop(key, None)
+            self._verified.discard(key)
+        log.info("destroyed station %s", spec.name)
+        update = {"station_name": spec.name, "type": "remove_station", "update": True}
+        await self._push("$memphis_sdk_clients_updates", update)
+        return True
+
+    async def _ensure_streams(self, spec: StationSpec) -> None:
+        for partition in range(1, spec.partitions_number + 1):
+            config = spec.stream_config(partition)
+            try:
+                await self._js.add_stream(config)
+            except APIError as err:
+                if err.err_code != STREAM_NAME_IN_USE:
+                    raise
+                log.info("stream %s exists with another configuration, keeping it", config.name)
+        self._verified.add(kv_key(spec.name))
+
+    async def _delete_streams(self, spec: StationSpec) -> None:
+        for partition in range(1, spec.partitions_number + 1):
+            with contextlib.suppress(NotFoundError):
+                await self._js.delete_stream(stream_name(spec.name, partition))
+
+    async def _modify_station(self, name: str, change: Callable[[StationSpec], StationSpec]) -> StationInfo:
+        check_name(name, "station")
+        key = kv_key(name)
+        async with self._locks[key]:
+            entry = await self._get(self._stations, key)
+            if entry is None:
+                raise NotFound(f"Station {name} does not exist")
+            spec = change(station_spec(entry.value))
+            with broker_errors():
+                try:
+                    await self._stations.update(key, dump(asdict(spec)), last=entry.revision)
+                except KeyWrongLastSequenceError:
+                    raise GatewayError("station changed concurrently, retry", code=grpc.StatusCode.ABORTED) from None
+            self._cache.pop(key, None)
+        return await self._info(spec)
+
+    # Consumer groups
+
+    async def ensure_consumer_group(self, station: str, group: GroupSpec) -> StationInfo:
+        """Create the group's durable on every partition stream if missing (the station too).
+
+        An existing durable is kept as it is: its position is the group's position.
+        """
+        check_name(group.name, "consumer group")
+        info = await self.ensure_station(station)
+        durable = internal_name(group.name)
+        with broker_errors():
+            for partition in info.partitions:
+                stream = info.stream(partition)
+                if await self._durable_exists(stream, durable):
+                    continue
+                try:
+                    state = (await self._js.stream_info(stream)).state
+                except NotFoundError:
+                    await self._ensure_streams(info.spec)
+                    state = (await self._js.stream_info(stream)).state
+                try:
+                    await self._js.add_consumer(stream, group.consumer_config(stream, state.last_seq))
+                except APIError:
+                    if not await self._durable_exists(stream, durable):  # else: a concurrent creation won
+                        raise
+        return info
+
+    async def _durable_exists(self, stream: str, durable: str) -> bool:
+        try:
+            await self._js.consumer_info(stream, durable)
+        except NotFoundError:
+            return False
+        return True
+
+    # Schemas
+
+    async def schema_info(self, name: str) -> SchemaInfo | None:
+        """The active version of the schema, or None."""
+        check_name(name, "schema")
+        entry = await self._get(self._schemas, kv_key(name))
+        return active_schema(entry.value) if entry is not None else None
+
+    async def create_schema(
+        self, name: str, schema_type: str, content: str, *, created_by: str = "", message_struct_name: str = ""
+    ) -> SchemaInfo:
+        """Store a schema, or a new version of it; ``AlreadyExists`` if the content is unchanged."""
+        check_name(name, "schema")
+        name = name.lower()
+        check_schema(schema_type, content)
+        key = kv_key(name)
+        async with self._locks[f"schema:{key}"]:
+            entry = await self._get(self._schemas, key)
+            record: dict[str, Any] = (
+                json.loads(entry.value or b"{}") if entry else {"name": name, "type": schema_type, "versions": []}
+            )
+            versions: list[dict[str, Any]] = record["versions"]
+            if entry is not None and record["type"] != schema_type:
+                raise InvalidArgument(f"Schema {name} already exists with type {record['type']}")
+            if versions and versions[-1]["schema_content"] == content:
+                raise AlreadyExists(f"Schema {name} already exists")
+            versions.append(
+                {
+                    "version_number": len(versions) + 1,
+                    "schema_content": content,
+                    "descriptor": "",
+                    "message_struct_name": message_struct_name,
+                    "created_by": created_by,
+                    "created_at": time.time(),
+                }
+            )
+            with broker_errors():
+                try:
+                    if entry is None:
+                        await self._schemas.create(key, dump(record))
+                    else:
+                        await self._schemas.update(key, dump(record), last=entry.revision)
+                except KeyWrongLastSequenceError:
+                    raise AlreadyExists(f"Schema {name} already exists") from None
+        schema = active_schema(dump(record))
+        if entry is not None:
+            await self._push_to_stations_using(schema)
+        return schema
+
+    async def _push_to_stations_using(self, schema: SchemaInfo) -> None:
+        with broker_errors():
+            try:
+                keys = await self._stations.keys()
+            except NoKeysError:
+                return
+            for key in keys:
+                entry = await self._get(self._stations, key)
+                spec = station_spec(entry.value) if entry is not None else None
+                if spec is not None and spec.schema_name == schema.name:
+                    await self._push_schema(spec.name, 1, schema.schema_update())
+
+    async def _push_schema(self, station: str, update_type: int, update: dict[str, Any]) -> None:
+        payload = {"UpdateType": update_type, "init": update}
+        await self._push(f"$memphis_schema_updates_{internal_name(station)}", payload)
+
+    async def attach_schema(self, schema_name: str, station: str) -> StationInfo:
+        """Enforce the schema on the station; producers created later validate against it."""
+        schema = await self.schema_info(schema_name)
+        if schema is None:
+            raise NotFound(f"Schema {schema_name} does not exist")
+        info = await self._modify_station(station, lambda spec: replace(spec, schema_name=schema.name))
+        await self._push_schema(info.name, 1, schema.schema_update())
+        return info
+
+    async def detach_schema(self, station: str) -> StationInfo:
+        info = await self._modify_station(station, lambda spec: replace(spec, schema_name=""))
+        await self._push_schema(info.name, 2, no_schema_update())
+        return info

@@ -1,0 +1,36 @@
+"""The non-RPC HTTP routes served beside the transcoded RPCs: ``GET /`` and ``GET /metrics``.
+
+(``GET /openapi.json`` is the transcoder's own, ``gateway.transcoding.openapi``.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from importlib.metadata import version
+
+import orjson
+from aiohttp import web
+
+from gateway.rpc.metrics import Metrics
+from gateway.transcoding.routes import ExtraRoute
+
+
+def metrics_route(metrics: Metrics) -> ExtraRoute:
+    """GET /metrics: Prometheus metrics of every call, both protocols."""
+
+    async def handler(request: web.BaseRequest, params: Mapping[str, str]) -> web.StreamResponse:
+        body, content_type = metrics.exposition()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    return ExtraRoute(method="GET", template="/metrics", handler=handler)
+
+
+def root_route() -> ExtraRoute:
+    """GET /: what this is and where to look next (the Memphis REST gateway answered here too)."""
+    body = orjson.dumps({"service": "memphis-gateway", "version": version("memphis-gateway"),
+                         "openapi": "/openapi.json", "metrics": "/metrics", "status": "/monitoring/status"})
+
+    async def handler(request: web.BaseRequest, params: Mapping[str, str]) -> web.StreamResponse:
+        return web.Response(body=body, content_type="application/json")
+
+    return ExtraRoute(method="GET", template="/", handler=handler)

@@ -1,0 +1,79 @@
+"""Prometheus metrics: one observation per call, both protocols, served at GET /metrics.
+
+Every call is observed, so the hot path is a dict lookup, a bisect and three list
+increments (no lock: everything runs on the event loop). prometheus_client renders the
+text format at scrape time from a collector reading those lists.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from gateway.rpc.call import Endpoint
+
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# bucket labels as prometheus_client writes them
+_LE = (*(floatToGoString(b) for b in BUCKETS), "+Inf")  # type: ignore[no-untyped-call]
+
+
+class _Latency:
+    """One method's histogram: per-bucket counts (not cumulative) plus +Inf, and the sum."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)
+        self.total = 0.0
+
+
+class _CallCollector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        calls = CounterMetricFamily("memphis_gateway_calls", "Calls by method and gRPC status code",
+                                    labels=["method", "code"])
+        for (method, code), count in sorted(self._metrics.calls.items()):
+            calls.add_metric([method, code], count)
+        yield calls
+        latency = HistogramMetricFamily("memphis_gateway_call_seconds", "Call duration by method",
+                                        labels=["method"])
+        for method, h in sorted(self._metrics.latency.items()):
+            cumulative, running = [], 0
+            for bound, count in zip(_LE, h.counts, strict=True):
+                running += count
+                cumulative.append((bound, running))
+            latency.add_metric([method], cumulative, h.total)
+        yield latency
+
+
+class Metrics:
+    """An ``Observer`` for ``Endpoint`` calls, on a registry of its own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.calls: dict[tuple[str, str], int] = {}  # (method, code) -> calls
+        self.latency: dict[str, _Latency] = {}  # method -> histogram
+        self.registry.register(_CallCollector(self))
+        self.broker_up = Gauge("memphis_gateway_broker_up", "1 while the broker answers", registry=self.registry)
+
+    def observe(self, endpoint: Endpoint, code: str, seconds: float) -> None:
+        method = endpoint.full_name
+        key = (method, code)
+        self.calls[key] = self.calls.get(key, 0) + 1
+        h = self.latency.get(method)
+        if h is None:
+            h = self.latency[method] = _Latency()
+        h.counts[bisect_left(BUCKETS, seconds)] += 1  # le: a value equal to a bound falls in its bucket
+        h.total += seconds
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The Prometheus text format of every metric, and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,154 @@
+"""Forwarding one HTTP request to its RPC (grpc-gateway's ``handler.go``), and the answer back.
+
+Per request: the message is built from the body (``*``, a field, or raw bytes for a
+``google.api.HttpBody``), then the path captures, then the query string; the request
+headers fill ``transcoding.headers_field``; a :class:`CallContext` carries the lower-cased
+headers as metadata. Unary and client-streaming (NDJSON body) methods answer one JSON
+document; server-streaming methods answer NDJSON lines ``{"result": ...}``, a failure after
+the first line being a last ``{"error": ...}`` line. Nothing a client sends yields a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+
+import orjson
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from google.protobuf.message import Message
+
+from gateway.core.errors import GatewayError, Internal
+from gateway.rpc.call import CallContext
+from gateway.transcoding.bindings import Binding
+from gateway.transcoding.requests import call_deadline, malformed, ndjson_lines, read_body, request_headers
+from gateway.transcoding.responses import JSON, NDJSON, encoder, error_response
+
+log = logging.getLogger("gateway.rest")
+_GONE_CHECK_S = 0.5  # how often a REST stream waiting for its next message checks its client is there
+Serve = Callable[[web.BaseRequest, Mapping[str, str], str, dict[str, str]], Awaitable[web.StreamResponse]]
+
+
+def forwarder(b: Binding, *, limit: int, timeout: float) -> Serve:
+    """``serve(request, path captures, query string, CORS headers)`` for binding ``b``.
+
+    ``timeout`` is the deadline of unary calls (streams get one only from Grpc-Timeout)."""
+    endpoint = b.endpoint
+    client_streaming, server_streaming = endpoint.client_streaming, endpoint.server_streaming
+    deadline_s = None if client_streaming or server_streaming else timeout
+    shape = b.error_body
+    has_body = bool(b.body)
+    headers_field = bool(b.headers_field)
+    has_query = b.query is not None
+    encode = encoder(b)
+    content_type = "application/octet-stream" if b.raw_response else JSON
+
+    async def serve(
+        request: web.BaseRequest, params: Mapping[str, str], query_string: str, cors: dict[str, str]
+    ) -> web.StreamResponse:
+        ctx: CallContext | None = None
+        try:
+            metadata, headers = request_headers(request, query_string, want_message_headers=headers_field)
+            ctx = CallContext(
+                protocol="rest", metadata=metadata, peer_of=lambda: request.remote,
+                deadline=call_deadline(metadata, deadline_s),
+            )
+            if client_streaming:
+                frames = (b.decode_frame(line) async for line in ndjson_lines(request, limit))
+                reply = await endpoint.unary(frames, ctx)
+            else:
+                data = await read_body(request, limit) if has_body else b""
+                ctx.request_bytes = len(data)  # for the Guard's byte-rate limit
+                msg = b.build(
+                    data,
+                    metadata.get("content-type", ""),
+                    params,
+                    headers,
+                    request.query if has_query and query_string else None,
+                )
+                if server_streaming:
+                    return await stream_response(request, b, msg, ctx, cors)
+                reply = await endpoint.unary(msg, ctx)
+            body, ctype = encode(reply)
+            cors["Content-Type"] = ctype or content_type
+            if ctx.response_headers:
+                cors.update(ctx.response_headers)
+            return web.Response(body=body, headers=cors)
+        except GatewayError as err:
+            resp = error_response(err, shape, {**cors, **ctx.response_headers} if ctx else cors)
+            if err.http_status == 413:
+                resp.force_close()  # close rather than read the rest of the body
+            return resp
+        except (HttpProcessingError, web.RequestPayloadError) as exc:  # bad chunking, bad gzip, ...
+            return error_response(malformed(exc), shape, cors)
+        except (ConnectionResetError, web.HTTPException):
+            raise
+        except Exception as exc:
+            rid = ctx.request_id if ctx else 0
+            log.error("transcoding %s failed (request id %d)", b.name, rid, exc_info=exc)
+            return error_response(Internal(f"internal error (request id {rid})"), shape, cors)
+
+    return serve
+
+
+async def stream_response(
+    request: web.BaseRequest, b: Binding, msg: Message, ctx: CallContext, cors: dict[str, str]
+) -> web.StreamResponse:
+    stream = b.endpoint.server_stream(msg, ctx)
+    encode = encoder(b)
+    resp: web.StreamResponse | None = None
+    try:
+        try:
+            first: Message | None = await _next_unless_gone(stream, request)
+        except StopAsyncIteration:
+            first = None
+        headers = {**cors, "Content-Type": "application/octet-stream" if b.raw_response else NDJSON}
+        headers.update(ctx.response_headers)
+        resp = web.StreamResponse(headers=headers)
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        if first is not None:
+            try:
+                item = first
+                while True:
+                    data = encode(item)[0]
+                    await resp.write(data if b.raw_response else b'{"result":' + data + b"}\n")
+                    item = await _next_unless_gone(stream, request)
+            except StopAsyncIteration:
+                pass
+            except GatewayError as err:
+                status = {"code": err.code.value[0], "message": err.message}
+                await resp.write(orjson.dumps({"error": status}) + b"\n")
+        await resp.write_eof()
+        return resp
+    except ConnectionError:  # the client went away mid-stream: stop the servicer quietly
+        if resp is None:
+            raise
+        log.debug("%s: client went away mid-stream (request id %d)", b.name, ctx.request_id)
+        return resp
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def _next_unless_gone(stream: AsyncIterator[Message], request: web.BaseRequest) -> Message:
+    """The stream's next message, or ConnectionResetError once the client has gone away.
+
+    aiohttp does not cancel the handler of a client that disconnected, and a stream with nothing
+    to send never writes, so it would never notice: it would hold its broker fetches and the
+    principal's stream slot for good. The transport is checked every _GONE_CHECK_S instead."""
+    step = asyncio.ensure_future(anext(stream))
+    try:
+        while True:
+            done, _ = await asyncio.wait((step,), timeout=_GONE_CHECK_S)
+            if done:
+                return step.result()
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                raise ConnectionResetError("the client went away")
+    finally:
+        if not step.done():
+            step.cancel()  # the servicer stops, and the Guard releases the stream slot
+            await asyncio.wait((step,))
+        if not step.cancelled():
+            step.exception()  # retrieved: never "Task exception was never retrieved"
