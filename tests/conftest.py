@@ -57,3 +57,16 @@ async def control_plane(nats_server: EmbeddedBroker) -> AsyncIterator[ControlPla
     finally:
         await plane.stop()
         await nc.close()
+
+
+_TIERS = ("unit", "integration", "system")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Each test is marked with its tier, the folder it lives in (``-m unit`` runs the fast ones)."""
+    for item in items:
+        parts = item.path.parts
+        for tier in _TIERS:
+            if tier in parts:
+                item.add_marker(getattr(pytest.mark, tier))
+                break

@@ -5,7 +5,7 @@ client, the user's producers (one route per station) and consumer groups, and th
 publishes in flight. The pool opens sessions on first use, replaces those nats-py
 closed for good, and closes idle ones.
 
-Broker faults (nats-py reconnects by itself, forever; MEMPHIS.md "Reconnect"):
+Broker faults (nats-py reconnects by itself, forever; docs/memphis-py.md, "Reconnect"):
 - while a session's connection is down, calls fail at once with UNAVAILABLE (503)
   instead of buffering into nats-py's reconnect buffer;
 - calls in flight when the connection drops fail at once too: the session fails
@@ -228,7 +228,7 @@ class SessionPool:
                 await abandon(m)
                 reasons.append(f"{host}:{port} (no answer within {self._timeout:g} s)")
                 continue
-            m.parse_descriptor = lambda station, m=m: parse_descriptor(m, station)  # B9
+            m.parse_descriptor = lambda station, m=m: parse_descriptor(m, station)  # docs/memphis-py.md B9
             log.info("broker connection opened for %s to %s:%d", creds.username, host, port)
             return m
         raise Unavailable(f"broker unavailable: cannot connect to {', '.join(reasons)}; retry shortly",
@@ -264,7 +264,7 @@ def usable(session: Session) -> bool:
 
 
 async def close_session(session: Session) -> None:
-    for group in session.groups.values():  # B7: close() leaves these running
+    for group in session.groups.values():  # docs/memphis-py.md B7: close() leaves these running
         for task in (group.consumer.t_ping, group.consumer.t_dls, group.consumer.t_consume):
             if task is not None:
                 task.cancel()

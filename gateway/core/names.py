@@ -1,6 +1,6 @@
 """Memphis name rules: which names are valid, and how they map onto JetStream.
 
-The rules are the Memphis server's (MEMPHIS.md §1.2) and apply to stations, producers,
+The rules are the Memphis server's (docs/memphis-py.md, "Names") and apply to stations, producers,
 consumers, consumer groups and schemas alike:
 
 * after lower-casing, only ``a-z``, ``0-9``, ``_``, ``.`` and ``-``;

@@ -10,7 +10,7 @@ every gateway replica is stateless:
 KV keys are the lower-cased names with ``.`` replaced by ``=`` (``#`` is no valid key
 character). A station of N partitions is N streams ``<internal>$<p>`` with subjects
 ``<internal>$<p>.>``; a consumer group is one durable per partition stream
-(see ``gateway.core.names`` and MEMPHIS.md §1.2).
+(see ``gateway.core.names`` and docs/memphis-py.md, "Names").
 
 Reads go through an in-process cache, invalidated by a plain subscription to the buckets'
 subjects, so changes made by other replicas are seen at once (and dropped after a reconnect,

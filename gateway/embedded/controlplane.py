@@ -2,7 +2,7 @@
 gateway itself) works against a stock nats-server with JetStream.
 
 memphis-py sends its creation requests as core-NATS requests on ``$memphis_*`` subjects
-(MEMPHIS.md §1.3); the Memphis server is archived, so we answer them. Each subject is
+(docs/memphis-py.md, "Request/reply subjects"); the Memphis server is archived, so we answer them. Each subject is
 subscribed with one queue group, so several gateway replicas can run a ``ControlPlane``
 and exactly one answers each request. Replicas keep no state: stations and schemas live in
 JetStream KV (``gateway.embedded.catalog``).
@@ -18,7 +18,7 @@ subject                              reply
 ``$memphis_producer_destructions``   plain text
 ``$memphis_consumer_creations``      JSON on success, **plain-text errors**: a JSON
                                      error reaches memphis-py callers as
-                                     "'dict' object has no attribute 'replace'" (B4)
+                                     "'dict' object has no attribute 'replace'" (docs/memphis-py.md B4)
 ``$memphis_consumer_destructions``   plain text
 ``$memphis_schema_creations``        JSON ``{"error": ...}``
 ``$memphis_schema_attachments``      plain text

@@ -2,7 +2,7 @@
 
 Value objects shared by the control plane (``gateway.embedded.catalog``, ``gateway.embedded.controlplane``)
 and the gateway: ``StationSpec`` and ``GroupSpec`` carry what the SDK's creation requests
-carry, with the Memphis server's defaults and clamps (MEMPHIS.md §1.2); ``StationInfo`` and
+carry, with the Memphis server's defaults and clamps (docs/memphis-py.md, "Names"); ``StationInfo`` and
 ``SchemaInfo`` are what the catalog answers.
 """
 

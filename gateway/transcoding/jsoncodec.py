@@ -11,7 +11,7 @@ may be proto names or lowerCamel JSON names; unknown keys are ignored; ``null``
 leaves a field unset. Errors are :class:`JsonDecodeError` (an InvalidArgument)
 naming the field, e.g. ``account_id: expected a number, got a string``.
 
-Encoding follows the REST contract (API.md), not protojson: proto field names,
+Encoding follows the REST contract (docs/rest-api.md), not protojson: proto field names,
 every field without presence emitted (defaults included), ``optional`` and message
 fields only when set, 64-bit integers as JSON numbers, enums as names,
 ``google.protobuf.NullValue`` as ``null``, bytes as base64 except fields marked

@@ -7,7 +7,7 @@ transcoder serves (``build_bindings``), so the description cannot drift from the
   ``:verb``), an operation per binding (``operationId`` ``Service_Method``, ``_N`` for
   additional bindings, ``x-grpc-method`` the full gRPC name);
 - query parameters for the fields a binding leaves to the query string (lowerCamel names, as
-  API.md's ``?accountId=``); with ``query_with_body`` only the non-text fields, since a query
+  docs/rest-api.md's ``?accountId=``); with ``query_with_body`` only the non-text fields, since a query
   string is logged by proxies and credentials belong in the body;
 - request bodies from the request message (JSON Schema of the descriptor, the codec's rules:
   proto field names, 64-bit integers as JSON numbers, enums by name, maps as objects, bytes as

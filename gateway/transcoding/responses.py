@@ -30,13 +30,13 @@ _SUCCESS_FLAG = options_pb2.ERROR_BODY_SUCCESS_FLAG
 def error_body(err: GatewayError, shape: int) -> bytes:
     """The JSON body of ``err``: its detail if it has one, else the method's ``ErrorBody`` shape.
 
-    ``ERROR_BODY_MESSAGE`` is ``{"message": m}`` (also every UNAUTHENTICATED, as API.md wants),
+    ``ERROR_BODY_MESSAGE`` is ``{"message": m}`` (also every UNAUTHENTICATED, as docs/rest-api.md wants),
     ``ERROR_BODY_SUCCESS_FLAG`` ``{"error": m, "success": false}``, unspecified grpc-gateway's
     ``{"code": <grpc code>, "message": m}``.
     """
     if err.detail is not None:
         return dumps(err.detail)
-    if shape == _MESSAGE or err.code == grpc.StatusCode.UNAUTHENTICATED:  # API.md: every 401 is {"message": ...}
+    if shape == _MESSAGE or err.code == grpc.StatusCode.UNAUTHENTICATED:  # docs/rest-api.md: every 401 is {"message": ...}
         return orjson.dumps({"message": err.message})
     if shape == _SUCCESS_FLAG:
         return orjson.dumps({"error": err.message, "success": False})

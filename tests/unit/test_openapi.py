@@ -26,7 +26,7 @@ from gateway.transcoding.bindings import build_bindings
 from gateway.transcoding.jsoncodec import codec_for
 from gateway.transcoding.openapi import openapi_document, openapi_route
 from gateway.transcoding.server import RestOptions, build_rest_handler, rest_runner
-from tests.test_httprules import AdmitAll, AnyMethod, message_class, service
+from tests.unit.test_httprules import AdmitAll, AnyMethod, message_class, service
 
 OPERATIONS = ("get", "put", "post", "delete", "patch", "options", "head", "trace")
 

@@ -15,7 +15,7 @@ from bench.common import MSG_SIZE, Finished, payload
 from bench.loadgen import _parse_h2load, _unframe, grpc_frames, wrk_script
 from bench.run import Config, Measure, rows, table
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NUMBER = re.compile(r"^-?[\d,]+(\.\d+)?$")
 
 

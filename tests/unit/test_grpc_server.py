@@ -14,7 +14,7 @@ from memgw.v1 import consume_pb2, produce_pb2
 from gateway.rpc.call import Endpoint, build_endpoints
 from gateway.rpc.contract import SERVICES
 from gateway.rpc.grpc_server import _handler
-from tests.test_rest_transcoder import TOKEN, Calls, FakeAuth, FakeConsume, FakeMonitoring, FakeProduce, TokenGuard
+from tests.unit.test_rest_transcoder import TOKEN, Calls, FakeAuth, FakeConsume, FakeMonitoring, FakeProduce, TokenGuard
 
 PEER = "ipv4:127.0.0.1:50000"
 

@@ -27,7 +27,7 @@ from gateway.rpc.contract import SERVICES
 from gateway.transcoding.bindings import Binding, HttpRuleError, build_bindings
 from gateway.transcoding.convert import parse_text
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 ECHO_PROTO = r"""
 syntax = "proto3";

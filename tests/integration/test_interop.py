@@ -26,7 +26,7 @@ async def sdk(nats_server):
                     timeout_ms=3000)
     consumers = []
     yield m, consumers
-    for consumer in consumers:  # memphis-py leaks these tasks (MEMPHIS.md B7)
+    for consumer in consumers:  # memphis-py leaks these tasks (docs/memphis-py.md B7)
         for task in (consumer.t_ping, consumer.t_dls, consumer.t_consume):
             if task is not None:
                 task.cancel()

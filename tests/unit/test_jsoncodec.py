@@ -14,7 +14,7 @@ from memgw.v1 import auth_pb2, consume_pb2, monitoring_pb2, produce_pb2
 
 from gateway.core.errors import InvalidArgument
 from gateway.transcoding.jsoncodec import INVALID_JSON, JsonDecodeError, codec_for, dumps
-from tests.test_httprules import message_class
+from tests.unit.test_httprules import message_class
 
 Echo = message_class("EchoRequest")
 

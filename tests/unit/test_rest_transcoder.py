@@ -37,7 +37,7 @@ from gateway.core.errors import (
 from gateway.rpc.call import CallContext, Endpoint, build_endpoints
 from gateway.rpc.contract import SERVICES
 from gateway.transcoding.server import ExtraRoute, RestHandler, RestOptions, build_rest_handler, rest_runner
-from tests.test_httprules import message_class, service
+from tests.unit.test_httprules import message_class, service
 
 TOKEN = "good-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -623,7 +623,7 @@ async def test_authorization_from_header_or_query(
     got, response_headers, body = await server.call("POST", path, b"x", headers)
     assert got == status
     if status == 401:
-        assert js(body) == {"message": "Unauthorized"}  # API.md: every 401 has this body
+        assert js(body) == {"message": "Unauthorized"}  # docs/rest-api.md: every 401 has this body
         assert response_headers["WWW-Authenticate"] == "Bearer"
 
 

@@ -1,4 +1,4 @@
-"""Every API.md route over REST, and the same operation over gRPC, against a real nats-server."""
+"""Every docs/rest-api.md route over REST, and the same operation over gRPC, against a real nats-server."""
 
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ Connect = Callable[[], Awaitable[Memphis]]
 
 
 def close_sdk_tasks(m: Memphis) -> None:
-    """memphis-py's close() leaves every Consumer's tasks running (bug B7): cancel them."""
+    """memphis-py's close() leaves every Consumer's tasks running (docs/memphis-py.md B7): cancel them."""
     for consumer in list(m.consumers_map.values()):
         for task in (consumer.t_ping, consumer.t_dls, consumer.t_consume):
             if task is not None:
@@ -158,7 +158,7 @@ async def test_invalid_station_names_are_refused(memphis: Connect, name: str) ->
         await m.station(name, timeout_retries=0)
     with pytest.raises(MemphisError, match=r"(?i)station name"):
         await m.producer(name, "prod", timeout_retries=0)
-    with pytest.raises(MemphisError, match=r"(?i)station name"):  # plain text: it survives bug B4
+    with pytest.raises(MemphisError, match=r"(?i)station name"):  # plain text: it survives bug B4 (docs/memphis-py.md)
         await m.consumer(name, "cons", timeout_retries=0)
 
 

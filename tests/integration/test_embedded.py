@@ -139,7 +139,7 @@ async def test_monitoring_port_is_optional(tmp_path: Path) -> None:
         await asyncio.open_connection("127.0.0.1", broker.port)
 
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 OWNER_SCRIPT = """
 import asyncio, sys
 from pathlib import Path
