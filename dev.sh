@@ -37,6 +37,7 @@ case "$cmd" in
     .venv/bin/buf lint
     .venv/bin/ruff check gateway tests bench
     .venv/bin/mypy gateway
+    .venv/bin/lint-imports
     ;;
   generate) venv; exec .venv/bin/python -m gateway.protogen ;;
   bench) venv; exec .venv/bin/python bench/run.py "$@" ;;

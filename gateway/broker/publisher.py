@@ -13,7 +13,7 @@ It uses nats-py's private write path (``_send_command``, and ``_flush_queue`` to
 its flusher once per flush, as nats-py's own ``publish`` does, with ``_flush_pending``
 as the fallback), and takes replies the way nats-py's one-shot requests do
 (``subscribe(future=...)``, see ``_ReplySink``): the NATS wire protocol they write is
-stable; nats-py is pinned below 3 for them, and tests/test_publisher.py fails if they change.
+stable; nats-py is pinned below 3 for them, and tests/integration/test_publisher.py fails if they change.
 """
 
 from __future__ import annotations
