@@ -125,7 +125,9 @@ class Producing:
 
     @staticmethod
     def _schema(session: Session, route: Route, station: str, key: str) -> Any:
-        """The station's schema (None without one), validators rebuilt when its push changed it (docs/memphis-py.md B6)."""
+        """The station's schema (None without one); validators rebuilt when its push changed it.
+
+        memphis-py does not rebuild them itself (docs/memphis-py.md B6)."""
         m = session.memphis
         schema = m.schema_updates_data.get(key) or None
         if schema is not None and schema is not route.schema_seen:

@@ -36,7 +36,8 @@ def error_body(err: GatewayError, shape: int) -> bytes:
     """
     if err.detail is not None:
         return dumps(err.detail)
-    if shape == _MESSAGE or err.code == grpc.StatusCode.UNAUTHENTICATED:  # docs/rest-api.md: every 401 is {"message": ...}
+    # docs/rest-api.md: every 401 is {"message": ...}
+    if shape == _MESSAGE or err.code == grpc.StatusCode.UNAUTHENTICATED:
         return orjson.dumps({"message": err.message})
     if shape == _SUCCESS_FLAG:
         return orjson.dumps({"error": err.message, "success": False})

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -24,6 +23,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 
 from gateway.embedded.server import ClusterSettings, EmbeddedBroker
 from tests.harness import ROOT_PASSWORD, ROOT_USER, Clients, bearer, running_gateway, settings_for
+from tests.processes import free_port
 
 NODES = 3
 BROKER_TIMEOUT_S = 5.0
@@ -31,12 +31,6 @@ CLIENT_TIMEOUT_S = 15.0
 LOAD_LIMIT_S = 150.0
 SLACK_S = 0.5
 RESUME_WITHIN_S = 30.0  # nats-server elects a new raft leader 4-9 s after losing one (more on a busy CI)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def quiet(_err: Exception) -> None:

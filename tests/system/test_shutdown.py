@@ -8,15 +8,9 @@ within 10 s. A second SIGTERM during the drain exits at once. Run with ``-s`` fo
 from __future__ import annotations
 
 import asyncio
-import os
-import re
 import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -25,78 +19,21 @@ import psutil
 import pytest
 from memgw.v1 import consume_pb2, consume_pb2_grpc
 
-from tests.harness import JWT_SECRET
+from tests.processes import GatewayProcess, accepts, spawn_gateway
 
 EXIT_WITHIN_S = 10.0
 STARTUP_S = 30.0
 LONG_POLL_MS = 3000
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-@dataclass
-class Served:
-    proc: subprocess.Popen[bytes]
-    http: int
-    grpc: int
-    log: Path
-    base: str
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def broker_pid(self) -> int:
-        match = re.search(r"embedded nats-server pid (\d+)", self.log_text())
-        assert match, self.log_text()
-        return int(match.group(1))
-
-    async def exit_code(self, within: float) -> int:
-        return await asyncio.wait_for(asyncio.to_thread(self.proc.wait), within)
-
-
-def spawn(data_dir: Path, log: Path, *flags: str) -> Served:
-    http, grpc_port, broker = free_port(), free_port(), free_port()
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--http-port", str(http), "--grpc-port", str(grpc_port),
-             "--broker-port", str(broker), "--data-dir", str(data_dir), *flags],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "MEMPHIS_GATEWAY_JWT_SECRET": JWT_SECRET},
-        )
-    return Served(proc, http, grpc_port, log, f"http://127.0.0.1:{http}")
-
-
 @pytest.fixture
-async def serve(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Served]]]:
-    started: list[Served] = []
+async def serve(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[GatewayProcess]]]:
+    started: list[GatewayProcess] = []
 
-    async def start(data_dir: Path, *flags: str) -> Served:
-        served = spawn(data_dir, tmp_path / f"gateway-{len(started)}.log", *flags)
-        proc = served.proc
+    async def start(data_dir: Path, *flags: str) -> GatewayProcess:
+        served = spawn_gateway(data_dir, tmp_path / f"gateway-{len(started)}.log", *flags)
         started.append(served)
-        deadline = time.monotonic() + STARTUP_S
-        async with aiohttp.ClientSession() as session:
-            while True:
-                assert proc.poll() is None, served.log_text()
-                try:
-                    async with session.get(served.base + "/monitoring/status") as resp:
-                        if resp.status == 200:
-                            return served
-                except aiohttp.ClientError:
-                    pass
-                assert time.monotonic() < deadline, served.log_text()
-                await asyncio.sleep(0.1)
+        return await served.ready()
 
     yield start
     for served in started:  # only the processes this test started, by their handle

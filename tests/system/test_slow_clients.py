@@ -10,21 +10,15 @@ along. Run with ``-s`` for the figures.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import aiohttp
-import psutil
 import pytest
 
-from tests.harness import JWT_SECRET
+from tests.processes import GatewayProcess as Gateway
+from tests.processes import spawn_gateway
 
 SEND_TIMEOUT_S = 3.0  # --http-send-timeout-s in the process under test (30 s by default)
 KEEPALIVE_S = 2.0  # --http-keepalive-s (15 s by default)
@@ -35,69 +29,14 @@ MB = 1024 * 1024
 TIMEOUT_FLAGS = ["--http-send-timeout-s", str(SEND_TIMEOUT_S), "--http-keepalive-s", str(KEEPALIVE_S)]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Gateway:
-    proc: subprocess.Popen[bytes]
-    http: int
-    log: Path
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.http}"
-
-    def rss(self) -> int:
-        return int(psutil.Process(self.proc.pid).memory_info().rss)
-
-    def open_from(self, ports: set[int]) -> int:
-        """How many of the gateway's HTTP connections come from these client ports."""
-        return sum(1 for c in psutil.Process(self.proc.pid).net_connections(kind="tcp")
-                   if c.laddr and c.laddr.port == self.http and c.raddr and c.raddr.port in ports)
-
-
-def spawn(tmp: Path) -> Gateway:
-    http = free_port()
-    log = tmp / "gateway.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", *TIMEOUT_FLAGS, "--http-port", str(http),
-             "--grpc-port", str(free_port()),
-             "--broker-port", str(free_port()), "--data-dir", str(tmp / "data"), "--log-level", "WARNING"],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "MEMPHIS_GATEWAY_JWT_SECRET": JWT_SECRET},
-        )
-    return Gateway(proc, http, log)
-
-
 @pytest.fixture(scope="module")
 async def gateway(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Gateway]:
-    gw = spawn(tmp_path_factory.mktemp("slow"))
+    tmp = tmp_path_factory.mktemp("slow")
+    gw = spawn_gateway(tmp / "data", tmp / "gateway.log", *TIMEOUT_FLAGS, "--log-level", "WARNING")
     try:
-        deadline = time.monotonic() + 30
-        async with aiohttp.ClientSession() as http:
-            while True:
-                assert gw.proc.poll() is None, gw.log.read_text()
-                try:
-                    async with http.get(gw.base + "/monitoring/status") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                assert time.monotonic() < deadline, gw.log.read_text()
-                await asyncio.sleep(0.1)
-        yield gw
+        yield await gw.ready()
     finally:
-        if gw.proc.poll() is None:
-            gw.proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(asyncio.to_thread(gw.proc.wait), 15)
-            except TimeoutError:
-                gw.proc.kill()
-                gw.proc.wait()
+        await asyncio.to_thread(gw.stop)
 
 
 @pytest.fixture(scope="module")

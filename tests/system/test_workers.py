@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.system.test_cli import free_port, wait_http
+from tests.processes import free_port, wait_http
 
 
 def test_two_workers_both_serve(tmp_path: Path) -> None:
