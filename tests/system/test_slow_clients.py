@@ -26,6 +26,7 @@ MESSAGES, MESSAGE_BYTES = 2000, 10_000
 STUCK_CLIENTS = 3
 MB = 1024 * 1024
 
+CUT_SLACK_S = 8.0  # the check runs every second; a loaded CI machine adds seconds more
 TIMEOUT_FLAGS = ["--http-send-timeout-s", str(SEND_TIMEOUT_S), "--http-keepalive-s", str(KEEPALIVE_S)]
 
 
@@ -135,7 +136,7 @@ async def test_stuck_readers_of_big_batches_do_not_hold_memory(gateway: Gateway,
                       f"{t:.1f} s after connecting, other client served in {o * 1000:.0f} ms"
                       for i, (p, a, t, o) in enumerate(rounds)))
     (peak1, _, closed1, other1), (peak2, after2, closed2, other2) = rounds
-    assert closed1 < SEND_TIMEOUT_S + 4 and closed2 < SEND_TIMEOUT_S + 4
+    assert closed1 < SEND_TIMEOUT_S + CUT_SLACK_S and closed2 < SEND_TIMEOUT_S + CUT_SLACK_S
     assert other1 < 1.0 and other2 < 1.0
     # Bounded: a second round of stuck clients reuses the memory of the first instead of adding to it.
     assert peak2 < peak1 + 40 * MB, (peak1 / MB, peak2 / MB)
