@@ -87,6 +87,7 @@ class GatewayProcess:
         self.grpc_port = free_port()
         self.popen: subprocess.Popen[bytes] | None = None
         self.restarts = 0
+        self.untouched = False
         self.log_path = data_dir / "gateway.log"
 
     @property
@@ -138,10 +139,12 @@ class GatewayProcess:
                             break
                 await asyncio.sleep(0.1)
             else:
+                self.kill()
                 raise RuntimeError(f"gateway did not answer within {timeout_s:g} s: {self.log_tail()}")
         # gRPC too
         async with grpc.aio.insecure_channel(self.grpc_target) as channel:
             await asyncio.wait_for(channel.channel_ready(), 15)
+        self.untouched = True  # no test has used this process yet
 
     def _spawn(self, env: dict[str, str]) -> subprocess.Popen[bytes]:
         with open(self.log_path, "ab") as log:
@@ -250,17 +253,19 @@ class StallProbe:
         self.every_s = every_s
         self.worst = 0.0
         self.failures = 0
+        self._since: float | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def _run(self) -> None:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
             while True:
-                t = time.monotonic()
+                t = self._since = time.monotonic()
                 try:
                     async with http.get(self.gw.base + "/") as resp:
                         await resp.read()
                 except (aiohttp.ClientError, OSError, TimeoutError):
                     self.failures += 1
+                self._since = None
                 self.worst = max(self.worst, time.monotonic() - t)
                 await asyncio.sleep(self.every_s)
 
@@ -271,6 +276,8 @@ class StallProbe:
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._task is not None
+        if self._since is not None:  # a probe still waiting counts as long as it has waited
+            self.worst = max(self.worst, time.monotonic() - self._since)
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
@@ -403,9 +410,10 @@ def pytest_configure(config: pytest.Config) -> None:
 async def gw(request: pytest.FixtureRequest, gateway: GatewayProcess) -> AsyncIterator[GatewayProcess]:
     """The module's gateway, restarted first if an earlier test's attack killed it (or if the test
     is marked ``fresh_gateway``)."""
-    if request.node.get_closest_marker("fresh_gateway") is not None:
+    if request.node.get_closest_marker("fresh_gateway") is not None and not gateway.untouched:
         await gateway.stop()
     await gateway.ensure()
+    gateway.untouched = False
     yield gateway
 
 
