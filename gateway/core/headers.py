@@ -9,12 +9,12 @@ Rules:
 * dropped: credentials and transport headers (``Authorization``, ``Cookie``, hop-by-hop,
   ``Content-Length``, ``Host``);
 * refused (InvalidArgument): names starting with ``$memphis`` (the SDK's own), names
-  the broker reads as control headers (``Status``, ``Description``, every ``Nats-*`` but
-  the idempotency alias below: a stored ``Status: 503`` makes nats-py read the message as
-  a JetStream status frame), names that are not HTTP tokens (RFC 9110: visible ASCII without
+  the broker reads as control headers (``Status``, ``Description``, every ``Nats-*``, also
+  ``Nats-Msg-Id``, which would bypass the gateway's own idempotency key: a stored
+  ``Status: 503`` makes nats-py read the message as a JetStream status frame), names that are not HTTP tokens (RFC 9110: visible ASCII without
   separators; no NUL, no space, no non-ASCII), values holding CR, LF or NUL;
-* keys: ``Idempotency-Key`` (kept as a header), ``msg-id`` and ``Nats-Msg-Id`` (taken as
-  the idempotency key, not stored as they are) give :attr:`MessageHeaders.idempotency_key`;
+* keys: ``Idempotency-Key`` (kept as a header) and ``msg-id`` (memphis-py's name; taken as the
+  key, not stored as it is) give :attr:`MessageHeaders.idempotency_key`;
   ``Partition-Key`` gives :attr:`MessageHeaders.partition_key`. Explicit keys (request
   fields, query parameters) win over headers and are checked the same way.
 """
@@ -38,7 +38,7 @@ DROPPED = frozenset(
     )
 )
 IDEMPOTENCY_KEY = "idempotency-key"
-IDEMPOTENCY_ALIASES = frozenset({"msg-id", "nats-msg-id"})  # taken as the key, not stored
+IDEMPOTENCY_ALIASES = frozenset({"msg-id"})  # taken as the key, not stored
 PARTITION_KEY = "partition-key"
 BROKER_RESERVED = frozenset({"status", "description"})
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
