@@ -8,7 +8,8 @@ text format at scrape time from a collector reading those lists.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -21,6 +22,7 @@ from gateway.rpc.call import Endpoint
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # bucket labels as prometheus_client writes them
 _LE = (*(floatToGoString(b) for b in BUCKETS), "+Inf")  # type: ignore[no-untyped-call]
+Snapshot = dict[str, Any]
 
 
 class _Latency:
@@ -38,14 +40,15 @@ class _CallCollector(Collector):
         self._metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
+        calls_by_key, latency_by_method = self._metrics.merged()
         calls = CounterMetricFamily("memphis_gateway_calls", "Calls by method and gRPC status code",
                                     labels=["method", "code"])
-        for (method, code), count in sorted(self._metrics.calls.items()):
+        for (method, code), count in sorted(calls_by_key.items()):
             calls.add_metric([method, code], count)
         yield calls
         latency = HistogramMetricFamily("memphis_gateway_call_seconds", "Call duration by method",
                                         labels=["method"])
-        for method, h in sorted(self._metrics.latency.items()):
+        for method, h in sorted(latency_by_method.items()):
             cumulative, running = [], 0
             for bound, count in zip(_LE, h.counts, strict=True):
                 running += count
@@ -61,6 +64,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.calls: dict[tuple[str, str], int] = {}  # (method, code) -> calls
         self.latency: dict[str, _Latency] = {}  # method -> histogram
+        self._others: Sequence[Snapshot] = ()  # other workers' snapshots, during one exposition
         self.registry.register(_CallCollector(self))
         self.broker_up = Gauge("memphis_gateway_broker_up", "1 while the broker answers", registry=self.registry)
 
@@ -74,6 +78,38 @@ class Metrics:
         h.counts[bisect_left(BUCKETS, seconds)] += 1  # le: a value equal to a bound falls in its bucket
         h.total += seconds
 
-    def exposition(self) -> tuple[bytes, str]:
-        """The Prometheus text format of every metric, and its content type."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+    def snapshot(self) -> Snapshot:
+        """This process's calls and latencies as plain JSON values (for the other workers' scrapes)."""
+        return {
+            "calls": [[method, code, n] for (method, code), n in self.calls.items()],
+            "latency": {method: [*h.counts, h.total] for method, h in self.latency.items()},
+        }
+
+    def merged(self) -> tuple[dict[tuple[str, str], int], dict[str, _Latency]]:
+        """This process's figures plus those of ``exposition(others=...)``."""
+        if not self._others:
+            return self.calls, self.latency
+        calls = dict(self.calls)
+        latency: dict[str, _Latency] = {}
+        for method, h in self.latency.items():
+            latency[method] = copy = _Latency()
+            copy.counts, copy.total = list(h.counts), h.total
+        for other in self._others:
+            for method, code, n in other.get("calls", ()):
+                calls[(method, code)] = calls.get((method, code), 0) + int(n)
+            for method, values in other.get("latency", {}).items():
+                if len(values) != len(BUCKETS) + 2:
+                    continue
+                h = latency.get(method) or latency.setdefault(method, _Latency())
+                h.counts = [a + int(b) for a, b in zip(h.counts, values[:-1], strict=True)]
+                h.total += float(values[-1])
+        return calls, latency
+
+    def exposition(self, others: Sequence[Snapshot] = ()) -> tuple[bytes, str]:
+        """The Prometheus text format of every metric (summed with ``others``: other workers'
+        snapshots), and its content type."""
+        self._others = others
+        try:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        finally:
+            self._others = ()
