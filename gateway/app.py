@@ -47,11 +47,12 @@ from gateway.rpc.call import Endpoint, build_endpoints
 from gateway.rpc.contract import SERVICES
 from gateway.rpc.grpc_server import build_grpc_server
 from gateway.rpc.metrics import Metrics
+from gateway.rpc.metrics_share import MetricsShare
 from gateway.servicers.auth import AuthService
 from gateway.servicers.consume import ConsumeService
 from gateway.servicers.monitoring import MonitoringService
 from gateway.servicers.produce import ProduceService
-from gateway.settings import Settings
+from gateway.settings import Settings, worker_group
 from gateway.transcoding.openapi import openapi_route
 from gateway.transcoding.server import RestOptions, build_rest_handler, rest_runner
 
@@ -86,6 +87,7 @@ class Gateway:
         self._send_task: asyncio.Task[None] | None = None
         self.ports: Ports | None = None
         self.metrics = Metrics()
+        self.metrics_share: MetricsShare | None = None  # --workers: one scrape sums every worker
 
     async def start(self) -> Ports:
         s = self.settings
@@ -100,8 +102,13 @@ class Gateway:
                      self.embedded.pid, broker_url, s.data_dir.resolve(), s.root_user)
         else:
             log.info("broker: external %s at %s", "NATS JetStream" if s.control_plane else "Memphis", broker_url)
-        if s.answers_control_plane:
+        group = worker_group()
+        if s.answers_control_plane or (s.workers > 1 and group):
             self.service_nc = await self._connect_control_plane(broker_url)
+        if s.workers > 1 and group:
+            self.metrics_share = MetricsShare(self.metrics, self.service_nc, group, s.workers)
+            await self.metrics_share.start()
+        if s.answers_control_plane:
             replicas = min(3, len(self.service_nc.servers))  # known + discovered cluster members
             self.control_plane = ControlPlane(catalog=Catalog(kv_replicas=replicas), drain_s=CLOSE_BUDGET_S / 4)
             await self.control_plane.start(self.service_nc)
@@ -222,7 +229,11 @@ class Gateway:
             cors_origins=s.cors_origins,
             max_body_bytes=s.max_body_bytes,
             request_timeout_s=s.request_timeout_s,
-            extra_routes=(metrics_route(self.metrics), root_route(), openapi_route(self.endpoints)),
+            extra_routes=(
+                metrics_route(self.metrics, self.metrics_share.gather if self.metrics_share else None),
+                root_route(),
+                openapi_route(self.endpoints),
+            ),
         )
 
     async def _watch_health(self) -> None:
@@ -263,6 +274,8 @@ class Gateway:
         drained = time.monotonic() - started
         if self.broker is not None:
             await self.broker.close(timeout_s=CLOSE_BUDGET_S / 3)
+        if self.metrics_share is not None:
+            await self.metrics_share.stop()
         if self.control_plane is not None:
             with contextlib.suppress(Exception):
                 async with timeout(CLOSE_BUDGET_S / 3):

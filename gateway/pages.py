@@ -5,21 +5,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from importlib.metadata import version
 
 import orjson
 from aiohttp import web
 
-from gateway.rpc.metrics import Metrics
+from gateway.rpc.metrics import Metrics, Snapshot
 from gateway.transcoding.routes import ExtraRoute
 
 
-def metrics_route(metrics: Metrics) -> ExtraRoute:
-    """GET /metrics: Prometheus metrics of every call, both protocols."""
+def metrics_route(
+    metrics: Metrics, others: Callable[[], Awaitable[Sequence[Snapshot]]] | None = None
+) -> ExtraRoute:
+    """GET /metrics: Prometheus metrics of every call, both protocols (and every worker: ``others``)."""
 
     async def handler(request: web.BaseRequest, params: Mapping[str, str]) -> web.StreamResponse:
-        body, content_type = metrics.exposition()
+        body, content_type = metrics.exposition(await others() if others is not None else ())
         return web.Response(body=body, headers={"Content-Type": content_type})
 
     return ExtraRoute(method="GET", template="/metrics", handler=handler)

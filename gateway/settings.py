@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "MEMPHIS_GATEWAY_"
+WORKER_GROUP_ENV = ENV_PREFIX + "WORKER_GROUP"  # set by the --workers supervisor in its children
 
 
 class SettingsError(ValueError):
@@ -30,7 +31,9 @@ class Settings:
     host: str = field(default="127.0.0.1", metadata={"help": "address both listeners bind (0.0.0.0 in containers)"})
     http_port: int = field(default=4444, metadata={"help": "REST port"})
     grpc_port: int = field(default=50051, metadata={"help": "gRPC port"})
-    workers: int = field(default=1, metadata={"help": "gateway processes sharing the ports (SO_REUSEPORT)"})
+    workers: int = field(
+        default=1, metadata={"help": "gateway processes sharing the ports (SO_REUSEPORT); auto: one per CPU"}
+    )
     # Broker
     broker: str = field(
         default="",
@@ -101,7 +104,14 @@ class Settings:
         return dataclasses.replace(self, jwt_secret=secrets.token_urlsafe(48)), True
 
 
+def worker_group() -> str:
+    """The id shared by the workers of one ``--workers`` supervisor ("" outside one)."""
+    return os.environ.get(WORKER_GROUP_ENV, "")
+
+
 def _convert(name: str, kind: Any, raw: str) -> Any:
+    if name.lower().replace("-", "_").endswith("workers") and raw.strip().lower() == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     try:
         if kind in (bool, "bool"):
             lowered = raw.strip().lower()

@@ -1,11 +1,21 @@
-"""``--workers N``: N gateway processes sharing the REST and gRPC ports (SO_REUSEPORT).
+"""``--workers N`` (or ``auto``, one per CPU): N gateway processes sharing the REST and gRPC ports (SO_REUSEPORT).
 
 The supervisor (this process) starts the embedded broker when there is no
 ``--broker``, then N children running ``memphis-gateway serve`` against it with
 the same settings, the same JWT secret (through the environment, never the
 command line) and the control plane answered by all of them (a NATS queue
 group: one answers each request). The kernel spreads connections over the
-children. SIGTERM/SIGINT are passed on; the supervisor exits when they have.
+children. SIGTERM/SIGINT are passed on; the supervisor exits when they have, so a stop
+drains every worker.
+
+They behave like one gateway:
+
+- per-user limits are DIVIDED among the workers: each enforces ``rate_limit_rps / N``,
+  ``rate_limit_bytes_per_s / N`` and ``ceil(max_streams_per_user / N)``, so a user whose
+  connections spread over the workers gets the configured limit in total (one keep-alive
+  connection stays on one worker and gets its share);
+- ``/metrics`` sums every worker's calls, whichever worker a scrape reaches
+  (``gateway.rpc.metrics_share``).
 """
 
 from __future__ import annotations
@@ -13,11 +23,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import signal
 import sys
 
 from gateway.embedded.server import EmbeddedBroker
-from gateway.settings import ENV_PREFIX, Settings, SettingsError
+from gateway.settings import ENV_PREFIX, WORKER_GROUP_ENV, Settings, SettingsError
 
 log = logging.getLogger("gateway.workers")
 WORKER_ENV = ENV_PREFIX + "WORKER"  # set in children: they serve, they do not supervise
@@ -32,7 +43,7 @@ def check(settings: Settings) -> None:
         raise SettingsError("workers: --workers > 1 needs fixed --http-port and --grpc-port (not 0)")
 
 
-def child_environment(settings: Settings, broker_url: str, index: int) -> dict[str, str]:
+def child_environment(settings: Settings, broker_url: str, index: int, group: str) -> dict[str, str]:
     env = dict(os.environ)
     for name, value in settings.redacted().items():  # redacted: secrets are set below, explicitly
         env[ENV_PREFIX + name.upper()] = ",".join(value) if isinstance(value, tuple) else str(value)
@@ -40,7 +51,12 @@ def child_environment(settings: Settings, broker_url: str, index: int) -> dict[s
     env[ENV_PREFIX + "CONTROL_PLANE"] = str(settings.answers_control_plane).lower()
     env[ENV_PREFIX + "ROOT_PASSWORD"] = settings.root_password
     env[ENV_PREFIX + "JWT_SECRET"] = settings.jwt_secret
+    n = settings.workers
+    env[ENV_PREFIX + "RATE_LIMIT_RPS"] = str(settings.rate_limit_rps / n)
+    env[ENV_PREFIX + "RATE_LIMIT_BYTES_PER_S"] = str(settings.rate_limit_bytes_per_s / n)
+    env[ENV_PREFIX + "MAX_STREAMS_PER_USER"] = str(-(-settings.max_streams_per_user // n))
     env[WORKER_ENV] = str(index)
+    env[WORKER_GROUP_ENV] = group
     return env
 
 
@@ -65,9 +81,10 @@ async def supervise(settings: Settings) -> int:
         broker_url = embedded.url
         log.info("broker: embedded nats-server pid %s at %s, shared by %d workers", embedded.pid, broker_url,
                  settings.workers)
+    group = f"{os.getpid()}-{secrets.token_hex(4)}"
     children = [
         await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "serve", env=child_environment(settings, broker_url, i),
+            sys.executable, "-m", "gateway", "serve", env=child_environment(settings, broker_url, i, group),
             preexec_fn=_die_with_parent,
         )
         for i in range(settings.workers)

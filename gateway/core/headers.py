@@ -11,8 +11,9 @@ Rules:
 * refused (InvalidArgument): names starting with ``$memphis`` (the SDK's own), names
   the broker reads as control headers (``Status``, ``Description``, every ``Nats-*``, also
   ``Nats-Msg-Id``, which would bypass the gateway's own idempotency key: a stored
-  ``Status: 503`` makes nats-py read the message as a JetStream status frame), names that are not HTTP tokens (RFC 9110: visible ASCII without
-  separators; no NUL, no space, no non-ASCII), values holding CR, LF or NUL;
+  ``Status: 503`` makes nats-py read the message as a JetStream status frame), names that are
+  not HTTP tokens (RFC 9110: visible ASCII without separators; no NUL, no space, no non-ASCII),
+  values holding CR, LF or NUL;
 * keys: ``Idempotency-Key`` (kept as a header) and ``msg-id`` (memphis-py's name; taken as the
   key, not stored as it is) give :attr:`MessageHeaders.idempotency_key`;
   ``Partition-Key`` gives :attr:`MessageHeaders.partition_key`. Explicit keys (request
