@@ -131,7 +131,7 @@ class Directory:
         self.root_user = root_user
         self.managed = managed
         self._root = Access.everything(f"user {root_user}")
-        self._others = Access(who="user", produce=("*",), consume=("*",))  # unmanaged: the broker decides
+        self._unknowns: dict[str, Access] = {}  # users the directory does not know: the broker decides
         self._users: dict[str, UserRecord] = {}
         self._user_access: dict[str, Access] = {}
         self._keys: dict[str, KeyRecord] = {}
@@ -225,14 +225,20 @@ class Directory:
             return self._root
         record = self._users.get(username)
         if record is None:
-            return self._others if not self.managed else self._unknown(username)
+            return self._unknown(username)
         if record.deleted or principal.issued_at < record.tokens_after:
             raise Unauthenticated(f"token of user {username} revoked (user deleted or changed)")
         return self._user_access[username]
 
     def _unknown(self, username: str) -> Access:
-        # A user the broker accepted but the directory does not know (configured outside the gateway).
-        return Access(who=f"user {username}", produce=("*",), consume=("*",))
+        """A user the broker accepted that the directory does not know (an external broker's, or one
+        configured outside the gateway): an application user of every station; the broker's permissions apply."""
+        access = self._unknowns.get(username)
+        if access is None:
+            if len(self._unknowns) >= _CACHE_SIZE:
+                self._unknowns.clear()
+            access = self._unknowns[username] = Access(who=f"user {username}", produce=("*",), consume=("*",))
+        return access
 
     def verify_key(self, header: str) -> tuple[Principal, Access]:
         cached = self._verified.get(header)

@@ -237,3 +237,19 @@ async def until_status(gw: Clients, station: str, token: str, want: int) -> floa
             return time.monotonic() - started
         assert time.monotonic() - started < 5, status
         await asyncio.sleep(0.005)
+
+
+async def test_keys_and_users_survive_a_restart(tmp_path) -> None:
+    settings = settings_for("", tmp_path / "restart", control_plane=False, broker_port=0)
+    async with running_gateway(settings) as gw:
+        root = await gw.rest_token()
+        await make_user(gw, root, "frank5", ["kept"], [])
+        status, body, _ = await gw.post("/api-keys", {"name": "kept", "stations": ["kept"], "actions": ["produce"]},
+                                        token=root)
+        assert status == 200, body
+        key = body["key"]
+    async with running_gateway(settings) as gw:  # a new gateway and nats-server on the same data
+        assert (await produce(gw, "kept", key))[0] == 200
+        frank = await login(gw, "frank5")  # the broker's configuration was rebuilt from KV
+        assert (await produce(gw, "kept", frank))[0] == 200
+        assert (await produce(gw, "other", frank))[0] == 403
