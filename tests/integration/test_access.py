@@ -185,7 +185,7 @@ async def test_sdk_connection_held_to_the_same_rights(gw: Clients) -> None:
         await own.produce(bytearray(b"own"))
         other = await bob.producer(station_name=a, producer_name="p2", timeout_retries=0)
         with pytest.raises(Exception):  # noqa: B017 (memphis-py raises MemphisError or a timeout)
-            await other.produce(bytearray(b"intrusion"))
+            await other.produce(bytearray(b"intrusion"), ack_wait_sec=2)
         # the broker refuses bob's consumer on alice's station (its JetStream API subjects are not his)
         with pytest.raises(Exception, match=r"permissions violation|timeout"):
             await bob.consumer(station_name=a, consumer_name="spy", consumer_group="spy", timeout_retries=0)
