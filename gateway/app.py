@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +73,18 @@ class Ports:
     broker_url: str
 
 
+def users_applier(embedded: EmbeddedBroker) -> Callable[[list[UserRecord]], Awaitable[None]]:
+    """Applies the directory's users to the embedded nats-server (subject permissions from their patterns)."""
+
+    async def apply(users: list[UserRecord]) -> None:
+        await embedded.reload_users({
+            u.username: (u.password_hash, None if u.type == "management" else user_permissions(u.produce, u.consume))
+            for u in users
+        })
+
+    return apply
+
+
 class Gateway:
     def __init__(self, settings: Settings) -> None:
         if not settings.jwt_secret:
@@ -117,7 +130,7 @@ class Gateway:
         tokens = TokenService(s.jwt_secret)
         self.directory = Directory(tokens, s.root_user, managed=s.answers_control_plane)
         if self.embedded is not None:
-            self.directory.broker_sync = self._apply_users
+            self.directory.broker_sync = users_applier(self.embedded)
         if self.service_nc is not None:
             await self.directory.open(self.service_nc, replicas=min(3, len(self.service_nc.servers)))
             await self.directory.sync_broker()
@@ -159,14 +172,6 @@ class Gateway:
         self.ports = Ports(http=http_port, grpc=grpc_port, broker_url=broker_url)
         log.info("listening: REST http://%s:%d, gRPC %s:%d", s.host, http_port, s.host, grpc_port)
         return self.ports
-
-    async def _apply_users(self, users: list[UserRecord]) -> None:
-        """The embedded nats-server's users: the directory's, with subject permissions from their patterns."""
-        assert self.embedded is not None
-        await self.embedded.reload_users({
-            u.username: (u.password_hash, None if u.type == "management" else user_permissions(u.produce, u.consume))
-            for u in users
-        })
 
     async def _connect_control_plane(self, broker_url: str) -> Any:
         s = self.settings
