@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,7 @@ import nats
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2
 
+from gateway.auth.directory import Directory, UserRecord
 from gateway.auth.guard import Guard
 from gateway.auth.tokens import TokenService
 from gateway.broker.adapter import MemphisBroker
@@ -41,13 +43,18 @@ from gateway.core.deadlines import timeout
 from gateway.core.keys import derive_key
 from gateway.embedded.catalog import Catalog
 from gateway.embedded.controlplane import ControlPlane
+from gateway.embedded.permissions import user_permissions
 from gateway.embedded.server import EmbeddedBroker
 from gateway.pages import metrics_route, root_route
 from gateway.rpc.call import Endpoint, build_endpoints
 from gateway.rpc.contract import SERVICES
 from gateway.rpc.grpc_server import build_grpc_server
 from gateway.rpc.metrics import Metrics
+<<<<<<< HEAD
 from gateway.rpc.metrics_share import MetricsShare
+=======
+from gateway.servicers.access import ApiKeyService, UserService
+>>>>>>> access
 from gateway.servicers.auth import AuthService
 from gateway.servicers.consume import ConsumeService
 from gateway.servicers.monitoring import MonitoringService
@@ -70,6 +77,18 @@ class Ports:
     broker_url: str
 
 
+def users_applier(embedded: EmbeddedBroker) -> Callable[[list[UserRecord]], Awaitable[None]]:
+    """Applies the directory's users to the embedded nats-server (subject permissions from their patterns)."""
+
+    async def apply(users: list[UserRecord]) -> None:
+        await embedded.reload_users({
+            u.username: (u.password_hash, None if u.type == "management" else user_permissions(u.produce, u.consume))
+            for u in users
+        })
+
+    return apply
+
+
 class Gateway:
     def __init__(self, settings: Settings) -> None:
         if not settings.jwt_secret:
@@ -79,6 +98,7 @@ class Gateway:
         self.service_nc: Any = None
         self.control_plane: ControlPlane | None = None
         self.broker: MemphisBroker | None = None
+        self.directory: Directory | None = None
         self.endpoints: list[Endpoint] = []
         self._grpc: Any = None
         self._runner: web.ServerRunner | None = None
@@ -118,14 +138,23 @@ class Gateway:
             ack_key=derive_key(s.jwt_secret, "ack-id"), service_nc=self.service_nc,
         )
         tokens = TokenService(s.jwt_secret)
+        self.directory = Directory(tokens, s.root_user, managed=s.answers_control_plane)
+        if self.embedded is not None:
+            self.directory.broker_sync = users_applier(self.embedded)
+        if self.service_nc is not None:
+            await self.directory.open(self.service_nc, replicas=min(3, len(self.service_nc.servers)))
+            await self.directory.sync_broker()
         servicers = [
             AuthService(self.broker, tokens, s.token_expiry_min, s.refresh_token_expiry_min),
             ProduceService(self.broker, s.max_batch_messages),
             ConsumeService(self.broker, s.max_consume_batch, s.max_consume_wait_ms, s.max_body_bytes),
             MonitoringService(self.broker),
+            UserService(self.directory),
+            ApiKeyService(self.directory),
         ]
         guard = Guard(
             tokens,
+            self.directory,
             max_streams_per_principal=s.max_streams_per_user,
             requests_per_s=s.rate_limit_rps,
             bytes_per_s=s.rate_limit_bytes_per_s,
@@ -274,8 +303,13 @@ class Gateway:
         drained = time.monotonic() - started
         if self.broker is not None:
             await self.broker.close(timeout_s=CLOSE_BUDGET_S / 3)
+<<<<<<< HEAD
         if self.metrics_share is not None:
             await self.metrics_share.stop()
+=======
+        if self.directory is not None:
+            await self.directory.close()
+>>>>>>> access
         if self.control_plane is not None:
             with contextlib.suppress(Exception):
                 async with timeout(CLOSE_BUDGET_S / 3):

@@ -26,7 +26,13 @@ import os
 import secrets
 import signal
 import sys
+from typing import Any
 
+import nats
+
+from gateway.app import users_applier
+from gateway.auth.directory import Directory
+from gateway.auth.tokens import TokenService
 from gateway.embedded.server import EmbeddedBroker
 from gateway.settings import ENV_PREFIX, WORKER_GROUP_ENV, Settings, SettingsError
 
@@ -68,6 +74,17 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+async def _follow_users(settings: Settings, embedded: EmbeddedBroker) -> tuple[Directory, Any]:
+    """The supervisor owns the nats-server, so it applies the users any worker writes (a KV watch, then a reload)."""
+    nc = await nats.connect(embedded.url, user=f"{settings.root_user}$1", password=settings.root_password,
+                            name="memphis-gateway::users", max_reconnect_attempts=-1)
+    directory = Directory(TokenService(settings.jwt_secret), settings.root_user, managed=True)
+    directory.broker_sync = users_applier(embedded)
+    await directory.open(nc)
+    await directory.sync_broker()
+    return directory, nc
+
+
 async def supervise(settings: Settings) -> int:
     check(settings)
     embedded = None
@@ -82,6 +99,7 @@ async def supervise(settings: Settings) -> int:
         log.info("broker: embedded nats-server pid %s at %s, shared by %d workers", embedded.pid, broker_url,
                  settings.workers)
     group = f"{os.getpid()}-{secrets.token_hex(4)}"
+    users = await _follow_users(settings, embedded) if embedded is not None else None
     children = [
         await asyncio.create_subprocess_exec(
             sys.executable, "-m", "gateway", "serve", env=child_environment(settings, broker_url, i, group),
@@ -100,6 +118,10 @@ async def supervise(settings: Settings) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, forward, signum)
     codes = await asyncio.gather(*(c.wait() for c in children))
+    if users is not None:
+        directory, nc = users
+        await directory.close()
+        await nc.close()
     if embedded is not None:
         await embedded.stop()
     log.info("workers exited: %s", codes)

@@ -1,13 +1,20 @@
-"""Admission of every call, gRPC or REST: the token, then the per-principal limits."""
+"""Admission of every call, gRPC or REST: the token or API key, the caller's rights, then the limits.
+
+The rights are checked here, once for both protocols, from what each RPC declares in the protos
+(``(memgw.v1.access)``: its action and the request field naming its station); see
+``gateway.auth.access``. A call touching several stations checks each with ``ctx.authorize``.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from typing import Any
 
+from gateway.auth.directory import Directory, is_key_header
 from gateway.auth.ratelimit import TokenBuckets
 from gateway.auth.tokens import ACCESS, TokenService
-from gateway.core.errors import ResourceExhausted, Unauthenticated
+from gateway.core.errors import PermissionDenied, ResourceExhausted, Unauthenticated
 from gateway.rpc.call import CallContext, Endpoint
 
 log = logging.getLogger("gateway.auth")
@@ -17,26 +24,45 @@ class Guard:
     def __init__(
         self,
         tokens: TokenService,
+        directory: Directory | None = None,
         *,
         max_streams_per_principal: int = 16,
         requests_per_s: float = 0,
         bytes_per_s: float = 0,
     ) -> None:
         self._tokens = tokens
+        self._directory = directory or Directory(tokens, "root", managed=False)
         self._max_streams = max_streams_per_principal
         self._streams: Counter[str] = Counter()
         self._requests = TokenBuckets(requests_per_s, requests_per_s) if requests_per_s > 0 else None
         self._bytes = TokenBuckets(bytes_per_s, bytes_per_s) if bytes_per_s > 0 else None
 
-    def admit(self, endpoint: Endpoint, ctx: CallContext) -> None:
+    def admit(self, endpoint: Endpoint, ctx: CallContext, request: Any = None) -> None:
         if endpoint.public:
             return
+        header = ctx.metadata.get("authorization")
         try:
-            ctx.principal, _ = self._tokens.verify_header(ctx.metadata.get("authorization"), ACCESS)
+            if is_key_header(header):
+                assert header is not None
+                principal, access = self._directory.verify_key(header)
+            else:
+                principal, _ = self._tokens.verify_header(header, ACCESS)
+                access = self._directory.access_of(principal)
         except Unauthenticated as exc:
             log.info("refused %s %s from %s: %s", ctx.protocol, endpoint.full_name, ctx.peer or "-", exc.reason)
             raise
-        session = ctx.principal.identity
+        ctx.authorizer = access.check
+        if endpoint.action:
+            station = getattr(request, endpoint.station_field, "") if endpoint.station_field else ""
+            if endpoint.station_field or not endpoint.client_streaming:
+                try:
+                    access.check(endpoint.action, station.lower())
+                except PermissionDenied as exc:
+                    log.info("denied %s %s from %s: %s", ctx.protocol, endpoint.full_name, ctx.peer or "-",
+                             exc.message)
+                    raise
+        ctx.principal = principal
+        session = principal.identity
         if self._requests is not None or self._bytes is not None:
             self._limit_rate(session, ctx)
         if endpoint.server_streaming or endpoint.client_streaming:

@@ -48,7 +48,7 @@ class TokenService:
         self._by_header: dict[str, tuple[float, str, Principal, Credentials]] = {}  # "Bearer <token>" -> the same
 
     def issue(self, creds: Credentials, access_minutes: int, refresh_minutes: int) -> IssuedTokens:
-        sealed = self._seal(creds)
+        sealed = self.seal(creds)
         return IssuedTokens(
             access=self._sign(creds, sealed, ACCESS, access_minutes),
             refresh=self._sign(creds, sealed, REFRESH, refresh_minutes),
@@ -102,31 +102,36 @@ class TokenService:
             raise Unauthenticated(f"invalid token: {type(exc).__name__}") from None
         if claims.get("typ") != kind:
             raise Unauthenticated(f"a {claims.get('typ')} token where an {kind} token is needed")
-        creds = self._unseal(claims["crd"], claims["sub"])
-        principal = Principal(credentials=creds)
+        creds = self.unseal(claims["crd"], claims["sub"])
+        issued = claims.get("ims")
+        issued_at = issued / 1000 if isinstance(issued, int) else float(claims["iat"])
+        principal = Principal(credentials=creds, issued_at=issued_at)
         return principal, creds, float(claims["exp"])
 
     def _sign(self, creds: Credentials, sealed: str, kind: str, minutes: int) -> str:
-        now = int(time.time())
+        now_ms = int(time.time() * 1000)
+        now = now_ms // 1000
         claims = {
             "iss": ISSUER,
             "sub": creds.username,
             "acc": creds.account_id,
             "typ": kind,
             "iat": now,
+            "ims": now_ms,  # iat in ms: a token issued after a revocation in the same second stays valid
             "exp": now + minutes * 60,
             "jti": uuid.uuid4().hex,
             "crd": sealed,
         }
         return jwt.encode(claims, self._signing_key, algorithm=ALGORITHM)
 
-    def _seal(self, creds: Credentials) -> str:
+    def seal(self, creds: Credentials) -> str:
+        """``creds`` encrypted and authenticated (AES-GCM, bound to the user name), as text."""
         nonce = os.urandom(12)
         plain = orjson.dumps([creds.username, creds.account_id, creds.password, creds.connection_token])
         sealed = self._aead.encrypt(nonce, plain, creds.username.encode())
         return base64.urlsafe_b64encode(nonce + sealed).decode().rstrip("=")
 
-    def _unseal(self, sealed: str, subject: str) -> Credentials:
+    def unseal(self, sealed: str, subject: str) -> Credentials:
         try:
             raw = base64.urlsafe_b64decode(sealed + "=" * (-len(sealed) % 4))
             plain = self._aead.decrypt(raw[:12], raw[12:], subject.encode())

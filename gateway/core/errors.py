@@ -5,6 +5,7 @@ GatewayError                 carries a gRPC status code (and the HTTP status der
  ├── Unauthenticated         UNAUTHENTICATED    401 (message is always "Unauthorized")
  ├── PermissionDenied        PERMISSION_DENIED  403
  ├── NotFound                NOT_FOUND          404
+ ├── FailedPrecondition      FAILED_PRECONDITION 400 (not possible in this set-up)
  ├── ResourceExhausted       RESOURCE_EXHAUSTED 429 (may carry retry_after seconds)
  ├── Unavailable             UNAVAILABLE        503 (the broker cannot be reached)
  └── DeadlineExceeded        DEADLINE_EXCEEDED  504
@@ -81,6 +82,10 @@ class PermissionDenied(GatewayError):
 
 class NotFound(GatewayError):
     code = grpc.StatusCode.NOT_FOUND
+
+
+class FailedPrecondition(GatewayError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
 
 
 class ResourceExhausted(GatewayError):

@@ -30,6 +30,7 @@ class Principal:
     """The authenticated caller of one call."""
 
     credentials: Credentials = field(repr=False)
+    issued_at: float = 0.0  # when its token or API key was issued (revocation: tokens before a user's change)
 
     @property
     def username(self) -> str:

@@ -56,6 +56,7 @@ MAX_PAYLOAD = 8 * 1024 * 1024
 _LISTENING = re.compile(rb"Listening for client connections on \S*:(\d+)")
 _MONITORING = re.compile(rb"Starting http monitor on \S*:(\d+)")
 _READY = b"Server is ready"
+_RELOADED = b"Reloaded server configuration"
 _running: set[subprocess.Popen[bytes]] = set()  # killed at exit if nobody stopped them
 log = logging.getLogger("gateway.embedded")
 
@@ -103,6 +104,8 @@ class EmbeddedBroker:
     root_password: str = "memphis"
     account_id: int = 1
     users: Mapping[str, str] = field(default_factory=dict)  # more Memphis users: name -> password
+    # users managed by the gateway: name -> (bcrypt hash, nats permissions or None for none); see reload_users
+    managed_users: Mapping[str, tuple[str, dict[str, Any] | None]] = field(default_factory=dict)
     http_port: int | None = None  # monitoring endpoint; None: off, 0: any free port (kept for restarts)
     binary: str | None = None  # default: find_nats_server()
     server_name: str = "memphis-gateway-embedded"  # unique per node in a cluster
@@ -145,6 +148,12 @@ class EmbeddedBroker:
         for name, password in accounts.items():
             users.append({"user": f"{name}${self.account_id}", "password": password})
             users.append({"user": name, "password": password})
+        for name, (password_hash, permissions) in sorted(self.managed_users.items()):
+            for user in (f"{name}${self.account_id}", name):
+                entry: dict[str, Any] = {"user": user, "password": password_hash}
+                if permissions is not None:
+                    entry["permissions"] = permissions
+                users.append(entry)
         conf: dict[str, Any] = {
             "server_name": self.server_name,
             "host": HOST,
@@ -171,11 +180,36 @@ class EmbeddedBroker:
             self.kill()
             raise
 
-    def _spawn(self, binary: str) -> None:
-        Path(self.data_dir).mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds passwords
+    async def reload_users(self, users: Mapping[str, tuple[str, dict[str, Any] | None]]) -> bool:
+        """Apply a new set of managed users with a configuration reload (SIGHUP): no restart, the
+        connections of unchanged users stay. Returns once the server reloaded; False if nothing changed."""
+        if dict(users) == dict(self.managed_users):
+            return False
+        self.managed_users = dict(users)
+        if not self.running:
+            return False
+        assert self._proc is not None
+        before = self.log_path.read_bytes().count(_RELOADED)
+        await asyncio.to_thread(self._write_config)
+        self._proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + self.start_timeout
+        while self.log_path.read_bytes().count(_RELOADED) <= before:
+            if time.monotonic() > deadline or not self.running:
+                raise BrokerError(f"nats-server did not reload its configuration:\n{self.log_tail()}")
+            await asyncio.sleep(0.01)
+        return True
+
+    def _write_config(self) -> None:
+        # written aside and renamed: a reload never reads a half-written file
+        tmp = self.config_path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds passwords and hashes
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(self.config(), f, indent=2)
+        os.replace(tmp, self.config_path)
+
+    def _spawn(self, binary: str) -> None:
+        Path(self.data_dir).mkdir(parents=True, exist_ok=True)
+        self._write_config()
         with open(self.log_path, "wb") as log:
             try:
                 # Own session: a Ctrl-C in the terminal reaches the gateway, which drains and

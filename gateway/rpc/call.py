@@ -48,6 +48,8 @@ class CallContext:
     # Response metadata the servicer wants sent (gRPC initial metadata / HTTP headers).
     response_headers: dict[str, str] = field(default_factory=dict)
     expired: bool = False  # the deadline passed and the call was cancelled for it
+    # the caller's rights, set at admission: (action, station) -> None or PermissionDenied
+    authorizer: Callable[[str, str], None] | None = field(default=None, repr=False)
     _peer: str | None = field(default=None, repr=False)
 
     @property
@@ -59,6 +61,15 @@ class CallContext:
 
     def time_remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def authorize(self, action: str, station: str) -> None:
+        """PermissionDenied unless the caller may ``action`` ("produce", "consume") on ``station``.
+
+        Admission already checked the station of a request that names one; a call that
+        touches several (a produce stream's frames) checks each with this."""
+        if self.authorizer is None:
+            raise Internal("no authorization on an authenticated method")
+        self.authorizer(action, station)
 
     def require_principal(self) -> Principal:
         if self.principal is None:  # only public methods run without one
@@ -72,7 +83,7 @@ class Guard(Protocol):
     ``admit`` is synchronous: it runs on every call, and checking a (cached) token and a
     token bucket never waits for anything."""
 
-    def admit(self, endpoint: Endpoint, ctx: CallContext) -> None: ...
+    def admit(self, endpoint: Endpoint, ctx: CallContext, request: Any = None) -> None: ...
 
     @property
     def meters_bytes(self) -> bool: ...
@@ -98,6 +109,8 @@ class Endpoint:
     guard: Guard
     observer: Observer | None = None
     public: bool = False  # (memgw.v1.access).public: callable without a token
+    action: str = ""  # (memgw.v1.access).action: "produce", "consume", "manage" or "" (any caller)
+    station_field: str = ""  # (memgw.v1.access).station_field: the request field naming the station
     full_name: str = ""  # "/pkg.Service/Method"
     # from the method descriptor, read once (every call asks)
     client_streaming: bool = field(init=False)
@@ -116,7 +129,7 @@ class Endpoint:
         started = time.monotonic()
         code = "OK"
         try:
-            self.guard.admit(self, ctx)
+            self.guard.admit(self, ctx, request)
             if self.client_streaming and self.guard.meters_bytes:
                 request = self._metered(request, ctx)
             if ctx.deadline is None:
@@ -151,7 +164,7 @@ class Endpoint:
         started = time.monotonic()
         code = "OK"
         try:
-            self.guard.admit(self, ctx)
+            self.guard.admit(self, ctx, request)
             async for response in self.handler(request, ctx):
                 yield response
         except BaseException as exc:
@@ -203,6 +216,20 @@ def _as_gateway_error(exc: BaseException, endpoint: Endpoint, ctx: CallContext) 
     return Internal(f"internal error (request id {ctx.request_id})")
 
 
+_ACTIONS = {
+    options_pb2.ACTION_UNSPECIFIED: "",
+    options_pb2.ACTION_PRODUCE: "produce",
+    options_pb2.ACTION_CONSUME: "consume",
+    options_pb2.ACTION_MANAGE: "manage",
+}
+
+
+def _station_field(method: MethodDescriptor, name: str) -> str:
+    if name and (name not in method.input_type.fields_by_name or method.client_streaming):
+        raise LookupError(f"{method.full_name}: station_field {name!r} is no field of a unary request")
+    return name
+
+
 def build_endpoints(
     services: Iterable[ServiceDescriptor],
     servicers: Iterable[object],
@@ -220,10 +247,12 @@ def build_endpoints(
             handler = getattr(servicer, method.name, None)
             if handler is None:
                 raise LookupError(f"{type(servicer).__name__} lacks {method.name}")
-            options = method.GetOptions()
+            access = method.GetOptions().Extensions[options_pb2.access]
             endpoints.append(
                 Endpoint(
-                    public=options.Extensions[options_pb2.access].public,
+                    public=access.public,
+                    action=_ACTIONS[access.action],
+                    station_field=_station_field(method, access.station_field),
                     full_name=f"/{service.full_name}/{method.name}",
                     service=service,
                     method=method,

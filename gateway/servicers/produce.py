@@ -119,6 +119,7 @@ class ProduceService:
         try:
             async for frame in requests:
                 station = station_name(frame.station)
+                ctx.authorize("produce", station)  # each frame names its station
                 messages = proto_messages(frame.messages, EMPTY)
                 if len(in_flight) >= STREAM_FRAMES_IN_FLIGHT:
                     done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -62,6 +63,22 @@ def test_two_workers_both_serve(tmp_path: Path) -> None:
                                          data=b"x", headers={"Content-Type": "text/plain",
                                                              "Authorization": f"Bearer {token}"})
             assert urllib.request.urlopen(req, timeout=10).status == 200
+        # a user made through a worker can log in: the supervisor, which owns the nats-server, applied it
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/users", method="POST", data=json.dumps(
+            {"username": "wuser", "password": "w-password", "permissions": {"produce": ["w"]}}).encode(),
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+        assert urllib.request.urlopen(req, timeout=10).status == 200
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                urllib.request.urlopen(urllib.request.Request(
+                    f"http://127.0.0.1:{port}/auth/authenticate", method="POST",
+                    data=json.dumps({"username": "wuser", "password": "w-password"}).encode(),
+                    headers={"Content-Type": "application/json"}), timeout=10)
+                break
+            except urllib.error.HTTPError:
+                assert time.monotonic() < deadline, "the new user cannot log in"
+                time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
         assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)

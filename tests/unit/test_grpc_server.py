@@ -12,9 +12,17 @@ import pytest
 from memgw.v1 import consume_pb2, produce_pb2
 
 from gateway.rpc.call import Endpoint, build_endpoints
-from gateway.rpc.contract import SERVICES
 from gateway.rpc.grpc_server import _handler
-from tests.unit.test_rest_transcoder import TOKEN, Calls, FakeAuth, FakeConsume, FakeMonitoring, FakeProduce, TokenGuard
+from tests.unit.test_rest_transcoder import (
+    TOKEN,
+    Calls,
+    FakeAuth,
+    FakeConsume,
+    FakeMonitoring,
+    FakeProduce,
+    TokenGuard,
+    served,
+)
 
 PEER = "ipv4:127.0.0.1:50000"
 
@@ -43,7 +51,8 @@ class FakeContext:
 def endpoint(name: str) -> Endpoint:
     calls = Calls(failures=False)
     servicers = [FakeProduce(calls), FakeConsume(calls), FakeAuth(calls), FakeMonitoring(calls)]
-    return next(e for e in build_endpoints(SERVICES, servicers, TokenGuard()) if e.full_name.endswith(name))
+    endpoints = build_endpoints(served(servicers), servicers, TokenGuard())
+    return next(e for e in endpoints if e.full_name.endswith(name))
 
 
 def access_lines(caplog: pytest.LogCaptureFixture, method: str) -> list[str]:

@@ -216,7 +216,7 @@ class AdmitAll:
         return None
 
 
-    def admit(self, endpoint: Endpoint, ctx: CallContext) -> None:
+    def admit(self, endpoint: Endpoint, ctx: CallContext, request: Any = None) -> None:
         return None
 
     def release(self, endpoint: Endpoint, ctx: CallContext) -> None:

@@ -50,13 +50,19 @@ EchoResponse = message_class("EchoResponse")
 # ---------------------------------------------------------------- fakes
 
 
+def served(servicers: list[Any]) -> list[Any]:
+    """The product's services that ``servicers`` implement (the fakes cover the message services)."""
+    names = {s.SERVICE for s in servicers}
+    return [s for s in SERVICES if s.full_name in names]
+
+
 class TokenGuard:
     meters_bytes = False
 
     def charge(self, ctx: CallContext, nbytes: int) -> None:
         return None
 
-    def admit(self, endpoint: Endpoint, ctx: CallContext) -> None:
+    def admit(self, endpoint: Endpoint, ctx: CallContext, request: Any = None) -> None:
         if not endpoint.public and ctx.metadata.get("authorization") != f"Bearer {TOKEN}":
             raise Unauthenticated("no or bad token")
 
@@ -276,7 +282,7 @@ EXTRA = (
 
 def make_app(calls: Calls, monitoring: FakeMonitoring, options: RestOptions) -> RestHandler:
     servicers = [FakeAuth(calls), FakeProduce(calls), FakeConsume(calls), monitoring]
-    endpoints = build_endpoints(SERVICES, servicers, TokenGuard())
+    endpoints = build_endpoints(served(servicers), servicers, TokenGuard())
     endpoints += build_endpoints([service("EchoService")], [FakeEcho(calls)], TokenGuard())
     return build_rest_handler(endpoints, options)
 

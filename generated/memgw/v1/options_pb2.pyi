@@ -12,9 +12,20 @@ class ErrorBody(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_BODY_UNSPECIFIED: _ClassVar[ErrorBody]
     ERROR_BODY_MESSAGE: _ClassVar[ErrorBody]
     ERROR_BODY_SUCCESS_FLAG: _ClassVar[ErrorBody]
+
+class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ACTION_UNSPECIFIED: _ClassVar[Action]
+    ACTION_PRODUCE: _ClassVar[Action]
+    ACTION_CONSUME: _ClassVar[Action]
+    ACTION_MANAGE: _ClassVar[Action]
 ERROR_BODY_UNSPECIFIED: ErrorBody
 ERROR_BODY_MESSAGE: ErrorBody
 ERROR_BODY_SUCCESS_FLAG: ErrorBody
+ACTION_UNSPECIFIED: Action
+ACTION_PRODUCE: Action
+ACTION_CONSUME: Action
+ACTION_MANAGE: Action
 TRANSCODING_FIELD_NUMBER: _ClassVar[int]
 transcoding: _descriptor.FieldDescriptor
 ACCESS_FIELD_NUMBER: _ClassVar[int]
@@ -33,7 +44,11 @@ class HttpTranscoding(_message.Message):
     def __init__(self, headers_field: _Optional[str] = ..., error_body: _Optional[_Union[ErrorBody, str]] = ..., query_with_body: _Optional[bool] = ...) -> None: ...
 
 class MethodAccess(_message.Message):
-    __slots__ = ("public",)
+    __slots__ = ("public", "action", "station_field")
     PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    STATION_FIELD_FIELD_NUMBER: _ClassVar[int]
     public: bool
-    def __init__(self, public: _Optional[bool] = ...) -> None: ...
+    action: Action
+    station_field: str
+    def __init__(self, public: _Optional[bool] = ..., action: _Optional[_Union[Action, str]] = ..., station_field: _Optional[str] = ...) -> None: ...
