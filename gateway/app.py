@@ -50,11 +50,8 @@ from gateway.rpc.call import Endpoint, build_endpoints
 from gateway.rpc.contract import SERVICES
 from gateway.rpc.grpc_server import build_grpc_server
 from gateway.rpc.metrics import Metrics
-<<<<<<< HEAD
 from gateway.rpc.metrics_share import MetricsShare
-=======
 from gateway.servicers.access import ApiKeyService, UserService
->>>>>>> access
 from gateway.servicers.auth import AuthService
 from gateway.servicers.consume import ConsumeService
 from gateway.servicers.monitoring import MonitoringService
@@ -303,13 +300,10 @@ class Gateway:
         drained = time.monotonic() - started
         if self.broker is not None:
             await self.broker.close(timeout_s=CLOSE_BUDGET_S / 3)
-<<<<<<< HEAD
         if self.metrics_share is not None:
             await self.metrics_share.stop()
-=======
         if self.directory is not None:
             await self.directory.close()
->>>>>>> access
         if self.control_plane is not None:
             with contextlib.suppress(Exception):
                 async with timeout(CLOSE_BUDGET_S / 3):
