@@ -42,6 +42,7 @@ from gateway.core.keys import derive_key
 from gateway.embedded.catalog import Catalog
 from gateway.embedded.controlplane import ControlPlane
 from gateway.embedded.server import EmbeddedBroker
+from gateway.management import management_servicers
 from gateway.pages import metrics_route, root_route
 from gateway.rpc.call import Endpoint, build_endpoints
 from gateway.rpc.contract import SERVICES
@@ -116,6 +117,7 @@ class Gateway:
             ProduceService(self.broker, s.max_batch_messages),
             ConsumeService(self.broker, s.max_consume_batch, s.max_consume_wait_ms, s.max_body_bytes),
             MonitoringService(self.broker),
+            *management_servicers(self.control_plane.catalog if self.control_plane else None),
         ]
         guard = Guard(
             tokens,

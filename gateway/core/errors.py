@@ -6,6 +6,7 @@ GatewayError                 carries a gRPC status code (and the HTTP status der
  ├── PermissionDenied        PERMISSION_DENIED  403
  ├── NotFound                NOT_FOUND          404
  ├── ResourceExhausted       RESOURCE_EXHAUSTED 429 (may carry retry_after seconds)
+ ├── FailedPrecondition      FAILED_PRECONDITION 400 (the call needs something this gateway lacks)
  ├── Unavailable             UNAVAILABLE        503 (the broker cannot be reached)
  └── DeadlineExceeded        DEADLINE_EXCEEDED  504
 
@@ -85,6 +86,10 @@ class NotFound(GatewayError):
 
 class ResourceExhausted(GatewayError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class FailedPrecondition(GatewayError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
 
 
 class Unavailable(GatewayError):

@@ -90,6 +90,8 @@ def test_contract_operations() -> None:
         "ProduceService_ProduceBatch", "ProduceService_ProduceStream", "ConsumeService_ConsumeBatch",
         "ConsumeService_Ack", "ConsumeService_Subscribe", "MonitoringService_Status",
         "MonitoringService_GetResourcesUtilization", "OpenAPI",
+        "StationService_CreateStation", "StationService_ListStations", "StationService_GetStation",
+        "StationService_DeleteStation",
     }  # fmt: skip
     single = ops["ProduceService_ProduceSingle"]
     assert single["_path"] == "/stations/{station}/produce/single" and single["_method"] == "post"
