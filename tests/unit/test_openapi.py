@@ -99,6 +99,7 @@ def test_contract_operations() -> None:
         {"name": "station", "in": "path", "required": True, "schema": {"type": "string"}},
         {"name": "idempotencyKey", "in": "query", "schema": {"type": "string"}},
         {"name": "partitionKey", "in": "query", "schema": {"type": "string"}},
+        {"name": "producerName", "in": "query", "schema": {"type": "string"}},
     ]
     assert set(single["requestBody"]["content"]) == {"text/*", "application/json", "application/x-protobuf"}
     assert {"400", "401", "413", "415", "429", "503"} <= set(single["responses"])
