@@ -48,7 +48,7 @@ class Consuming:
         session = await self._pool.get(creds)
         session.in_use += 1
         try:
-            group = await self._group(session, spec)
+            group = await self.group(session, spec)
             # Concurrent fetches on one consumer are not guaranteed by the SDK: one at a time,
             # but a caller waits for its turn only until its own deadline.
             try:
@@ -82,7 +82,8 @@ class Consuming:
             if batch:
                 yield batch
 
-    async def _group(self, session: Session, spec: ConsumerSpec) -> Group:
+    async def group(self, session: Session, spec: ConsumerSpec) -> Group:
+        """The user's consumer of the group (created on first use, then kept)."""
         key = (internal_name(spec.station), internal_name(spec.group))
         return await session.once(session.groups, key, lambda: self._new_group(session, spec))
 

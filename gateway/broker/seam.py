@@ -75,6 +75,13 @@ class Broker(Protocol):
     def subscribe(self, creds: Credentials, spec: ConsumerSpec, batch_size: int) -> AsyncIterator[list[InMessage]]:
         """Batches of messages until the caller stops iterating."""
 
+    def events(
+        self, creds: Credentials, spec: ConsumerSpec, resume: dict[int, int] | None
+    ) -> AsyncIterator[tuple[dict[int, int], InMessage | None]]:
+        """(cursor, message) pairs for an event stream, resumable from a cursor (``gateway.broker.events``).
+
+        The first pair carries no message: the cursor the stream starts at."""
+
     async def ack(self, creds: Credentials, station: str, ack_ids: Sequence[str], nack: bool) -> int:
         """Acknowledge (or nack) messages handed out in explicit mode; returns how many were valid."""
 

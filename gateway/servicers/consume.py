@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 
@@ -45,7 +46,8 @@ MAX_DELIVERIES = 10  # the Memphis server's clamp
 
 
 def with_options(
-    spec: ConsumerSpec, request: consume_pb2.ConsumeBatchRequest | consume_pb2.SubscribeRequest
+    spec: ConsumerSpec,
+    request: consume_pb2.ConsumeBatchRequest | consume_pb2.SubscribeRequest | consume_pb2.ConsumeEventsRequest,
 ) -> ConsumerSpec:
     """The request's metadata flag and consumer group settings (used when the group is created)."""
     def opt(field: str) -> int | None:
@@ -63,8 +65,26 @@ def with_options(
         raise InvalidArgument("last_messages must be -1 (off), 0 (new messages only) or more")
     if start is not None and start > 1 and last is not None and last >= 0:
         raise InvalidArgument("start_consume_from_sequence and last_messages can not both be set")
-    return replace(spec, include_metadata=request.include_metadata, max_msg_deliveries=deliveries,
+    metadata = True if isinstance(request, consume_pb2.ConsumeEventsRequest) else request.include_metadata
+    return replace(spec, include_metadata=metadata, max_msg_deliveries=deliveries,
                    max_ack_time_ms=ack_ms, start_consume_from_sequence=start, last_messages=last)
+
+
+_CURSOR = re.compile(r"\d{1,5}:\d{1,20}(,\d{1,5}:\d{1,20}){0,9999}")
+
+
+def parse_cursor(text: str) -> dict[int, int] | None:
+    """An event id ("partition:sequence[,...]") as a cursor; None for none."""
+    text = text.strip()
+    if not text:
+        return None
+    if len(text) > 300_000 or not _CURSOR.fullmatch(text):
+        raise InvalidArgument("last event id: expected the id of an event of this stream (\"partition:sequence,...\")")
+    return {int(p): int(s) for p, s in (part.split(":") for part in text.split(","))}
+
+
+def cursor_text(cursor: dict[int, int]) -> str:
+    return ",".join(f"{p}:{s}" for p, s in sorted(cursor.items()))
 
 
 def consumed(messages: Sequence[InMessage]) -> list[consume_pb2.ConsumedMessage]:
@@ -132,6 +152,23 @@ class ConsumeService:
         )
         async for messages in self._broker.subscribe(ctx.require_principal().credentials, spec, batch):
             yield consume_pb2.SubscribeResponse(messages=consumed(messages))
+
+    async def ConsumeEvents(
+        self, request: consume_pb2.ConsumeEventsRequest, ctx: CallContext
+    ) -> AsyncIterator[consume_pb2.ConsumeEventsResponse]:
+        spec = with_options(
+            consumer_spec(request.station, request.consumer_name, request.consumer_group,
+                          consume_pb2.ACK_MODE_EXPLICIT),
+            request,
+        )
+        resume = parse_cursor(request.last_event_id or ctx.metadata.get("last-event-id", ""))
+        async for cursor, message in self._broker.events(ctx.require_principal().credentials, spec, resume):
+            if message is None:
+                yield consume_pb2.ConsumeEventsResponse(id=cursor_text(cursor))
+            else:
+                reply = consumed_one(message)
+                reply.ClearField("ack_id")  # acknowledged by the stream itself
+                yield consume_pb2.ConsumeEventsResponse(id=cursor_text(cursor), message=reply)
 
     def _answer_limit(self, ctx: CallContext) -> int:
         """gRPC answers cannot exceed the message limit; REST answers are streamed to the socket."""

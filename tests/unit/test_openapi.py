@@ -88,7 +88,7 @@ def test_contract_operations() -> None:
     assert set(ops) == {
         "AuthService_Authenticate", "AuthService_RefreshToken", "ProduceService_ProduceSingle",
         "ProduceService_ProduceBatch", "ProduceService_ProduceStream", "ConsumeService_ConsumeBatch",
-        "ConsumeService_Ack", "ConsumeService_Subscribe", "MonitoringService_Status",
+        "ConsumeService_Ack", "ConsumeService_Subscribe", "ConsumeService_ConsumeEvents", "MonitoringService_Status",
         "MonitoringService_GetResourcesUtilization", "OpenAPI",
         "StationService_CreateStation", "StationService_ListStations", "StationService_GetStation",
         "StationService_DeleteStation",

@@ -127,3 +127,31 @@ class SubscribeResponse(_message.Message):
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     messages: _containers.RepeatedCompositeFieldContainer[ConsumedMessage]
     def __init__(self, messages: _Optional[_Iterable[_Union[ConsumedMessage, _Mapping]]] = ...) -> None: ...
+
+class ConsumeEventsRequest(_message.Message):
+    __slots__ = ("station", "consumer_name", "consumer_group", "last_event_id", "max_msg_deliveries", "max_ack_time_ms", "start_consume_from_sequence", "last_messages")
+    STATION_FIELD_NUMBER: _ClassVar[int]
+    CONSUMER_NAME_FIELD_NUMBER: _ClassVar[int]
+    CONSUMER_GROUP_FIELD_NUMBER: _ClassVar[int]
+    LAST_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_MSG_DELIVERIES_FIELD_NUMBER: _ClassVar[int]
+    MAX_ACK_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    START_CONSUME_FROM_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    LAST_MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    station: str
+    consumer_name: str
+    consumer_group: str
+    last_event_id: str
+    max_msg_deliveries: int
+    max_ack_time_ms: int
+    start_consume_from_sequence: int
+    last_messages: int
+    def __init__(self, station: _Optional[str] = ..., consumer_name: _Optional[str] = ..., consumer_group: _Optional[str] = ..., last_event_id: _Optional[str] = ..., max_msg_deliveries: _Optional[int] = ..., max_ack_time_ms: _Optional[int] = ..., start_consume_from_sequence: _Optional[int] = ..., last_messages: _Optional[int] = ...) -> None: ...
+
+class ConsumeEventsResponse(_message.Message):
+    __slots__ = ("id", "message")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    message: ConsumedMessage
+    def __init__(self, id: _Optional[str] = ..., message: _Optional[_Union[ConsumedMessage, _Mapping]] = ...) -> None: ...
