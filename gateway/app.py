@@ -45,6 +45,7 @@ from gateway.embedded.catalog import Catalog
 from gateway.embedded.controlplane import ControlPlane
 from gateway.embedded.permissions import user_permissions
 from gateway.embedded.server import EmbeddedBroker
+from gateway.management import management_servicers
 from gateway.pages import metrics_route, root_route
 from gateway.rpc.call import Endpoint, build_endpoints
 from gateway.rpc.contract import SERVICES
@@ -148,6 +149,7 @@ class Gateway:
             MonitoringService(self.broker),
             UserService(self.directory),
             ApiKeyService(self.directory),
+            *management_servicers(self.control_plane.catalog if self.control_plane else None),
         ]
         guard = Guard(
             tokens,

@@ -17,6 +17,7 @@ from typing import Any
 
 from gateway.broker.ackid import AckIds
 from gateway.broker.consume import Consuming
+from gateway.broker.events import event_stream
 from gateway.broker.natsutil import parse_servers, ping, probe
 from gateway.broker.produce import Producing
 from gateway.broker.seam import ConsumerSpec, InMessage
@@ -44,6 +45,11 @@ class MemphisBroker:
 
     def subscribe(self, creds: Credentials, spec: ConsumerSpec, batch_size: int) -> AsyncIterator[list[InMessage]]:
         return self._consuming.subscribe(creds, spec, batch_size)
+
+    def events(
+        self, creds: Credentials, spec: ConsumerSpec, resume: dict[int, int] | None
+    ) -> AsyncIterator[tuple[dict[int, int], InMessage | None]]:
+        return event_stream(self._pool, self._consuming, creds, spec, resume)
 
     def sessions(self) -> list[Session]:
         """The open user sessions (for tests and diagnostics)."""

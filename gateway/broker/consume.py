@@ -48,7 +48,7 @@ class Consuming:
         session = await self._pool.get(creds)
         session.in_use += 1
         try:
-            group = await self._group(session, spec)
+            group = await self.group(session, spec)
             # Concurrent fetches on one consumer are not guaranteed by the SDK: one at a time,
             # but a caller waits for its turn only until its own deadline.
             try:
@@ -65,7 +65,7 @@ class Consuming:
                 msgs, group.carry[:0] = _fit(msgs, spec.max_bytes)
             finally:
                 group.lock.release()
-            return await self._hand_out(session, msgs, spec.explicit_ack)
+            return await self._hand_out(session, msgs, spec.explicit_ack, spec.include_metadata)
         finally:
             session.in_use -= 1
             session.last_used = time.monotonic()
@@ -82,17 +82,29 @@ class Consuming:
             if batch:
                 yield batch
 
-    async def _group(self, session: Session, spec: ConsumerSpec) -> Group:
+    async def group(self, session: Session, spec: ConsumerSpec) -> Group:
+        """The user's consumer of the group (created on first use, then kept)."""
         key = (internal_name(spec.station), internal_name(spec.group))
         return await session.once(session.groups, key, lambda: self._new_group(session, spec))
 
     async def _new_group(self, session: Session, spec: ConsumerSpec) -> Group:
+        options = {  # the group's settings if this creates it; memphis-py's defaults otherwise
+            name: value
+            for name, value in (
+                ("max_msg_deliveries", spec.max_msg_deliveries),
+                ("max_ack_time_ms", spec.max_ack_time_ms),
+                ("start_consume_from_sequence", spec.start_consume_from_sequence),
+                ("last_messages", spec.last_messages),
+            )
+            if value is not None
+        }
         consumer = await sdk_call(
             session.memphis.consumer(
                 station_name=spec.station,
                 consumer_name=spec.consumer_name,
                 consumer_group=spec.group,
                 timeout_retries=0,
+                **options,
             ),
             self._timeout,
         )
@@ -127,12 +139,13 @@ class Consuming:
                 raise Unavailable(f"broker unavailable: {why}; retry shortly", retry_after=RETRY_AFTER_S) from None
         return out
 
-    async def _hand_out(self, session: Session, msgs: list[Any], explicit: bool) -> list[InMessage]:
+    async def _hand_out(self, session: Session, msgs: list[Any], explicit: bool, metadata: bool) -> list[InMessage]:
         result = [
             InMessage(
                 data=msg.data,
                 headers={k: v for k, v in (msg.headers or {}).items() if not k.startswith(HIDDEN_HEADERS)},
                 ack_id=self._ack_ids.seal(msg.reply) if explicit else None,
+                **(position(msg) if metadata else {}),
             )
             for msg in msgs
         ]
@@ -164,6 +177,25 @@ class Consuming:
         if subjects:
             await self._send_acks(session, subjects, NAK if nack else ACK)
         return len(subjects)
+
+
+def position(msg: Any) -> dict[str, int]:
+    """A JetStream message's sequence, partition, store time and delivery count, from its reply subject.
+
+    Read from nats-py's ``Msg.metadata`` property (memphis-py's ``get_timesent()`` calls it as a
+    method and always answers None: docs/memphis-py.md B1)."""
+    try:
+        meta = msg.metadata
+    except Exception:  # not a JetStream message: nothing to tell
+        return {}
+    stream: str = meta.stream or ""
+    _, sep, tail = stream.rpartition("$")
+    return {
+        "sequence": int(meta.sequence.stream),
+        "partition": int(tail) if sep and tail.isdigit() else 0,
+        "timestamp_ns": int(meta.timestamp.timestamp() * 1_000_000) * 1000 if meta.timestamp else 0,
+        "deliveries": int(meta.num_delivered),
+    }
 
 
 def _fit(msgs: list[Any], max_bytes: int) -> tuple[list[Any], list[Any]]:

@@ -38,24 +38,28 @@ class Producing:
         self._pool = pool
         self._timeout = timeout_s
 
-    async def produce(self, creds: Credentials, station: str, messages: Sequence[OutMessage]) -> list[str | None]:
+    async def produce(
+        self, creds: Credentials, station: str, messages: Sequence[OutMessage], producer_name: str = ""
+    ) -> list[str | None]:
         session = self._pool.ready(creds) or await self._pool.get(creds)
         session.in_use += 1
         try:
             key = internal_name(station)
-            route = session.routes.get(key) or await self._route(session, station, key)
+            producer = producer_name or PRODUCER_NAME
+            route_key = key if producer == PRODUCER_NAME else f"{key}/{producer}"  # one route per producer
+            route = session.routes.get(route_key) or await self._route(session, station, key, route_key, producer)
             return await self._publish_all(session, route, station, key, messages)
         finally:
             session.in_use -= 1
             session.last_used = time.monotonic()
 
-    async def _route(self, session: Session, station: str, key: str) -> Route:
-        return await session.once(session.routes, key, lambda: self._new_route(session, station, key))
+    async def _route(self, session: Session, station: str, key: str, route_key: str, name: str) -> Route:
+        return await session.once(session.routes, route_key, lambda: self._new_route(session, station, key, name))
 
-    async def _new_route(self, session: Session, station: str, key: str) -> Route:
+    async def _new_route(self, session: Session, station: str, key: str, name: str) -> Route:
         m = session.memphis
-        producer = await sdk_call(m.producer(station_name=station, producer_name=PRODUCER_NAME, timeout_retries=0),
-                              self._timeout)
+        producer = await sdk_call(m.producer(station_name=station, producer_name=name, timeout_retries=0),
+                                  self._timeout)
         partitions = m.partition_producers_updates_data.get(key, {}).get("partitions_list") or []
         streams = {p: stream_name(station, p) for p in partitions} or {0: key}  # no partitions: legacy layout
         functions = m.functions_updates_data.get(key, {})
@@ -64,7 +68,7 @@ class Producing:
             for p, stream in streams.items()
         }
         # the headers memphis-py adds to every message, encoded once
-        base = header_lines({"$memphis_producedBy": PRODUCER_NAME, "$memphis_connectionId": m.connection_id or ""})
+        base = header_lines({"$memphis_producedBy": name, "$memphis_connectionId": m.connection_id or ""})
         return Route(producer=producer, subjects=subjects, rr=itertools.cycle(sorted(subjects)), base_headers=base,
                      only_subject=next(iter(subjects.values())) if len(subjects) == 1 else "")
 

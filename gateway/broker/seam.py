@@ -32,6 +32,11 @@ class InMessage:
     data: bytes
     headers: dict[str, str]
     ack_id: str | None = None
+    # set when the ConsumerSpec asked for metadata (0: unknown)
+    sequence: int = 0  # stream sequence in its partition
+    partition: int = 0  # 1..N (0: a station without partitions)
+    timestamp_ns: int = 0  # when the broker stored it, ns since the epoch
+    deliveries: int = 0  # this delivery included
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -41,14 +46,24 @@ class ConsumerSpec:
     group: str  # the broker-side consumer group name
     explicit_ack: bool = False
     max_bytes: int = 0  # hand out at most about this many bytes per batch (0: no limit); the rest waits
+    include_metadata: bool = False  # fill InMessage's sequence, partition, timestamp_ns, deliveries
+    # the group's settings when this call creates it (None: memphis-py's default)
+    max_msg_deliveries: int | None = None
+    max_ack_time_ms: int | None = None
+    start_consume_from_sequence: int | None = None
+    last_messages: int | None = None
 
 
 class Broker(Protocol):
     async def open_session(self, creds: Credentials) -> None:
         """Connect as this user (proving the credentials) and keep the connection."""
 
-    async def produce(self, creds: Credentials, station: str, messages: Sequence[OutMessage]) -> list[str | None]:
+    async def produce(
+        self, creds: Credentials, station: str, messages: Sequence[OutMessage], producer_name: str = ""
+    ) -> list[str | None]:
         """Produce with all messages in flight; one error text (or None) per message, in order.
+
+        ``producer_name`` (default "rest-gateway") is the producer Memphis lists and the messages name.
 
         Returns only once the broker stored every message that has no error."""
 
@@ -59,6 +74,13 @@ class Broker(Protocol):
 
     def subscribe(self, creds: Credentials, spec: ConsumerSpec, batch_size: int) -> AsyncIterator[list[InMessage]]:
         """Batches of messages until the caller stops iterating."""
+
+    def events(
+        self, creds: Credentials, spec: ConsumerSpec, resume: dict[int, int] | None
+    ) -> AsyncIterator[tuple[dict[int, int], InMessage | None]]:
+        """(cursor, message) pairs for an event stream, resumable from a cursor (``gateway.broker.events``).
+
+        The first pair carries no message: the cursor the stream starts at."""
 
     async def ack(self, creds: Credentials, station: str, ack_ids: Sequence[str], nack: bool) -> int:
         """Acknowledge (or nack) messages handed out in explicit mode; returns how many were valid."""

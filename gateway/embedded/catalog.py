@@ -156,6 +156,33 @@ class Catalog:
             self._cache[key] = info
         return info
 
+    async def station_specs(self) -> list[StationSpec]:
+        """Every station's settings, by name."""
+        specs = []
+        with broker_errors():
+            try:
+                keys = await self._stations.keys()
+            except NoKeysError:
+                return []
+            for key in keys:
+                entry = await self._get(self._stations, key)
+                if entry is not None and entry.value:
+                    specs.append(station_spec(entry.value))
+        return sorted(specs, key=lambda spec: spec.name)
+
+    async def partition_states(self, info: StationInfo) -> list[tuple[int, int, int, int]]:
+        """(partition, messages, first sequence, last sequence) per partition stream."""
+        states = []
+        with broker_errors():
+            for partition in info.partitions:
+                try:
+                    state = (await self._js.stream_info(info.stream(partition))).state
+                except NotFoundError:
+                    states.append((partition, 0, 0, 0))
+                    continue
+                states.append((partition, state.messages, state.first_seq, state.last_seq))
+        return states
+
     async def _info(self, spec: StationSpec) -> StationInfo:
         schema = await self.schema_info(spec.schema_name) if spec.schema_name else None
         return StationInfo(

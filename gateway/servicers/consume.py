@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 
+from google.protobuf.timestamp_pb2 import Timestamp
 from memgw.v1 import consume_pb2
 
 from gateway.broker.seam import Broker, ConsumerSpec, InMessage
@@ -39,8 +42,64 @@ def consumer_spec(station: str, consumer_name: str, group: str, ack_mode: int, m
     )
 
 
+MAX_DELIVERIES = 10  # the Memphis server's clamp
+
+
+def with_options(
+    spec: ConsumerSpec,
+    request: consume_pb2.ConsumeBatchRequest | consume_pb2.SubscribeRequest | consume_pb2.ConsumeEventsRequest,
+) -> ConsumerSpec:
+    """The request's metadata flag and consumer group settings (used when the group is created)."""
+    def opt(field: str) -> int | None:
+        return int(getattr(request, field)) if request.HasField(field) else None
+
+    deliveries, ack_ms = opt("max_msg_deliveries"), opt("max_ack_time_ms")
+    start, last = opt("start_consume_from_sequence"), opt("last_messages")
+    if deliveries is not None and not 1 <= deliveries <= MAX_DELIVERIES:
+        raise InvalidArgument(f"max_msg_deliveries must be between 1 and {MAX_DELIVERIES}")
+    if ack_ms is not None and ack_ms < 1:
+        raise InvalidArgument("max_ack_time_ms must be at least 1")
+    if start is not None and start < 1:
+        raise InvalidArgument("start_consume_from_sequence must be at least 1")
+    if last is not None and last < -1:
+        raise InvalidArgument("last_messages must be -1 (off), 0 (new messages only) or more")
+    if start is not None and start > 1 and last is not None and last >= 0:
+        raise InvalidArgument("start_consume_from_sequence and last_messages can not both be set")
+    metadata = True if isinstance(request, consume_pb2.ConsumeEventsRequest) else request.include_metadata
+    return replace(spec, include_metadata=metadata, max_msg_deliveries=deliveries,
+                   max_ack_time_ms=ack_ms, start_consume_from_sequence=start, last_messages=last)
+
+
+_CURSOR = re.compile(r"\d{1,5}:\d{1,20}(,\d{1,5}:\d{1,20}){0,9999}")
+
+
+def parse_cursor(text: str) -> dict[int, int] | None:
+    """An event id ("partition:sequence[,...]") as a cursor; None for none."""
+    text = text.strip()
+    if not text:
+        return None
+    if len(text) > 300_000 or not _CURSOR.fullmatch(text):
+        raise InvalidArgument("last event id: expected the id of an event of this stream (\"partition:sequence,...\")")
+    return {int(p): int(s) for p, s in (part.split(":") for part in text.split(","))}
+
+
+def cursor_text(cursor: dict[int, int]) -> str:
+    return ",".join(f"{p}:{s}" for p, s in sorted(cursor.items()))
+
+
 def consumed(messages: Sequence[InMessage]) -> list[consume_pb2.ConsumedMessage]:
-    return [consume_pb2.ConsumedMessage(message=m.data, headers=m.headers, ack_id=m.ack_id) for m in messages]
+    return [consumed_one(m) for m in messages]
+
+
+def consumed_one(m: InMessage) -> consume_pb2.ConsumedMessage:
+    if not m.sequence:
+        return consume_pb2.ConsumedMessage(message=m.data, headers=m.headers, ack_id=m.ack_id)
+    when = Timestamp()
+    when.FromNanoseconds(m.timestamp_ns)
+    return consume_pb2.ConsumedMessage(
+        message=m.data, headers=m.headers, ack_id=m.ack_id, sequence=m.sequence, partition=m.partition,
+        timestamp=when, deliveries=m.deliveries,
+    )
 
 
 class ConsumeService:
@@ -55,9 +114,9 @@ class ConsumeService:
     async def ConsumeBatch(
         self, request: consume_pb2.ConsumeBatchRequest, ctx: CallContext
     ) -> consume_pb2.ConsumeBatchResponse:
-        spec = consumer_spec(
+        spec = with_options(consumer_spec(
             request.station, request.consumer_name, request.consumer_group, request.ack_mode, self._answer_limit(ctx)
-        )
+        ), request)
         batch = self._batch_size(
             request.batch_size if request.HasField("batch_size") else min(DEFAULT_BATCH, self._max_batch)
         )
@@ -85,14 +144,31 @@ class ConsumeService:
     async def Subscribe(
         self, request: consume_pb2.SubscribeRequest, ctx: CallContext
     ) -> AsyncIterator[consume_pb2.SubscribeResponse]:
-        spec = consumer_spec(
+        spec = with_options(consumer_spec(
             request.station, request.consumer_name, request.consumer_group, request.ack_mode, self._answer_limit(ctx)
-        )
+        ), request)
         batch = self._batch_size(
             request.batch_size if request.HasField("batch_size") else min(DEFAULT_STREAM_BATCH, self._max_batch)
         )
         async for messages in self._broker.subscribe(ctx.require_principal().credentials, spec, batch):
             yield consume_pb2.SubscribeResponse(messages=consumed(messages))
+
+    async def ConsumeEvents(
+        self, request: consume_pb2.ConsumeEventsRequest, ctx: CallContext
+    ) -> AsyncIterator[consume_pb2.ConsumeEventsResponse]:
+        spec = with_options(
+            consumer_spec(request.station, request.consumer_name, request.consumer_group,
+                          consume_pb2.ACK_MODE_EXPLICIT),
+            request,
+        )
+        resume = parse_cursor(request.last_event_id or ctx.metadata.get("last-event-id", ""))
+        async for cursor, message in self._broker.events(ctx.require_principal().credentials, spec, resume):
+            if message is None:
+                yield consume_pb2.ConsumeEventsResponse(id=cursor_text(cursor))
+            else:
+                reply = consumed_one(message)
+                reply.ClearField("ack_id")  # acknowledged by the stream itself
+                yield consume_pb2.ConsumeEventsResponse(id=cursor_text(cursor), message=reply)
 
     def _answer_limit(self, ctx: CallContext) -> int:
         """gRPC answers cannot exceed the message limit; REST answers are streamed to the socket."""

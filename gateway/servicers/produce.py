@@ -13,7 +13,7 @@ from memgw.v1 import produce_pb2
 from gateway.broker.seam import Broker, OutMessage
 from gateway.core.errors import InvalidArgument
 from gateway.core.headers import EMPTY, MessageHeaders, message_headers, with_headers
-from gateway.core.names import station_name
+from gateway.core.names import station_name, validate_name
 from gateway.rpc.call import CallContext
 
 TEXT_TYPES = ("application/json", "application/x-protobuf")
@@ -63,6 +63,13 @@ def proto_messages(messages: Sequence[produce_pb2.ProducedMessage], headers: Mes
     ]
 
 
+def producer_name(name: str) -> str:
+    """The request's producer name, checked as Memphis checks names ("": the gateway's own)."""
+    if name and (reason := validate_name(name, "producer")):
+        raise InvalidArgument(f"invalid producer_name: {reason}")
+    return name.lower()
+
+
 class ProduceService:
     SERVICE = "memgw.v1.ProduceService"
 
@@ -79,7 +86,9 @@ class ProduceService:
             request.headers, idempotency_key=request.idempotency_key, partition_key=request.partition_key
         )
         message = OutMessage(data=request.body.data, headers=headers)
-        [error] = await self._broker.produce(ctx.require_principal().credentials, station, [message])
+        [error] = await self._broker.produce(
+            ctx.require_principal().credentials, station, [message], producer_name(request.producer_name)
+        )
         if error is not None:
             raise InvalidArgument(error)
         return produce_pb2.ProduceSingleResponse(success=True)
@@ -94,7 +103,7 @@ class ProduceService:
             messages = [OutMessage(data=data, headers=headers) for data in json_elements(request.body.data)]
         else:
             messages = proto_messages(request.messages, headers)
-        await self._produce_all(ctx, station, messages)
+        await self._produce_all(ctx, station, messages, producer_name(request.producer_name))
         return produce_pb2.ProduceBatchResponse(success=True)
 
     async def ProduceStream(
@@ -125,7 +134,8 @@ class ProduceService:
                     done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
                     for task in done:
                         collect(task)
-                task = asyncio.create_task(self._produce_all(ctx, station, messages))
+                producer = producer_name(frame.producer_name)
+                task = asyncio.create_task(self._produce_all(ctx, station, messages, producer))
                 in_flight.add(task)
             if in_flight:
                 await asyncio.wait(in_flight)
@@ -143,12 +153,14 @@ class ProduceService:
             )
         return produce_pb2.ProduceStreamResponse(success=True, sent=sent)
 
-    async def _produce_all(self, ctx: CallContext, station: str, messages: list[OutMessage]) -> int:
+    async def _produce_all(
+        self, ctx: CallContext, station: str, messages: list[OutMessage], producer: str = ""
+    ) -> int:
         if len(messages) > self._max_batch:
             raise InvalidArgument(f"too many messages in one batch: {len(messages)} > {self._max_batch}")
         if not messages:
             return 0
-        errors = await self._broker.produce(ctx.require_principal().credentials, station, messages)
+        errors = await self._broker.produce(ctx.require_principal().credentials, station, messages, producer)
         failed = [e for e in errors if e is not None]
         if failed:
             raise InvalidArgument(

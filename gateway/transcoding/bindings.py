@@ -65,6 +65,8 @@ class Binding:
     raw_response: bool  # the response (or response_body field) is a google.api.HttpBody
     query: QueryBinder | None
     rule: http_pb2.HttpRule = field(repr=False)
+    sse: bool = False  # a server stream answered as text/event-stream (StreamFormat SSE)
+    event_id_field: str = ""  # SSE: the response field that is the event id
 
     # Path fields set with a plain setattr (top-level singular strings); the others go through set_text.
     simple_path: tuple[str, ...] = ()
@@ -240,6 +242,15 @@ def _binding(endpoint: Endpoint, index: int, rule: http_pb2.HttpRule, where: str
             excluded.append((headers_field,))
         query = QueryBinder(req, excluded, only_unset=body == "*")
 
+    sse = transcoding.stream_format == options_pb2.STREAM_FORMAT_SSE
+    if sse:
+        idf = resp.fields_by_name.get(transcoding.event_id_field)
+        if not endpoint.server_streaming:
+            raise HttpRuleError(f"{where}: stream_format SSE needs a server-streaming method")
+        if idf is None or idf.type != _F.TYPE_STRING or idf.is_repeated:
+            raise HttpRuleError(f"{where}: event_id_field {transcoding.event_id_field!r} must be a string field")
+        if not response_body:
+            raise HttpRuleError(f"{where}: stream_format SSE needs a response_body (the event data)")
     return Binding(
         endpoint=endpoint,
         index=index,
@@ -257,6 +268,8 @@ def _binding(endpoint: Endpoint, index: int, rule: http_pb2.HttpRule, where: str
         raw_response=raw_response,
         query=query,
         rule=rule,
+        sse=sse,
+        event_id_field=transcoding.event_id_field,
         simple_path=tuple(
             name for name, p in path_params if len(p) == 1 and p[0].type == _F.TYPE_STRING and not p[0].is_repeated
         ),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import orjson
@@ -27,6 +28,8 @@ from gateway.transcoding.responses import JSON, NDJSON, encoder, error_response
 
 log = logging.getLogger("gateway.rest")
 _GONE_CHECK_S = 0.5  # how often a REST stream waiting for its next message checks its client is there
+SSE_HEARTBEAT_S = 15.0  # a comment line after this long without an event
+SSE = "text/event-stream"
 Serve = Callable[[web.BaseRequest, Mapping[str, str], str, dict[str, str]], Awaitable[web.StreamResponse]]
 
 
@@ -95,6 +98,8 @@ def forwarder(b: Binding, *, limit: int, timeout: float) -> Serve:
 async def stream_response(
     request: web.BaseRequest, b: Binding, msg: Message, ctx: CallContext, cors: dict[str, str]
 ) -> web.StreamResponse:
+    if b.sse:
+        return await sse_response(request, b, msg, ctx, cors)
     stream = b.endpoint.server_stream(msg, ctx)
     encode = encoder(b)
     resp: web.StreamResponse | None = None
@@ -131,13 +136,72 @@ async def stream_response(
         await stream.aclose()  # type: ignore[attr-defined]
 
 
-async def _next_unless_gone(stream: AsyncIterator[Message], request: web.BaseRequest) -> Message:
+async def sse_response(
+    request: web.BaseRequest, b: Binding, msg: Message, ctx: CallContext, cors: dict[str, str]
+) -> web.StreamResponse:
+    """A server stream as server-sent events (``StreamFormat SSE``, docs/transcoding.md).
+
+    Each message is one event: ``id:`` its event_id_field, ``data:`` its response_body field as
+    JSON (the id alone when that field is unset: EventSource then only records the id). A comment
+    line every SSE_HEARTBEAT_S of silence keeps proxies from closing the connection. Errors before
+    the first event answer with a status; after it, an ``event: error`` with the JSON status."""
+    stream = b.endpoint.server_stream(msg, ctx)
+    data_field, id_field = b.response_body, b.event_id_field
+    resp: web.StreamResponse | None = None
+
+    async def heartbeat() -> None:
+        assert resp is not None
+        await resp.write(b": keep-alive\n\n")
+
+    def event(item: Message) -> bytes:
+        event_id = str(getattr(item, id_field)).replace("\n", "").replace("\r", "")
+        if not item.HasField(data_field):
+            return f"id: {event_id}\n\n".encode()
+        data = encoder(b)(item)[0]  # one line: orjson never writes a raw newline
+        return b"id: " + event_id.encode() + b"\ndata: " + data + b"\n\n"
+
+    try:
+        try:
+            first: Message | None = await _next_unless_gone(stream, request)
+        except StopAsyncIteration:
+            first = None
+        headers = {**cors, "Content-Type": SSE, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        headers.update(ctx.response_headers)
+        resp = web.StreamResponse(headers=headers)
+        await resp.prepare(request)
+        await resp.write(b"retry: 1000\n\n")
+        if first is not None:
+            try:
+                item = first
+                while True:
+                    await resp.write(event(item))
+                    item = await _next_unless_gone(stream, request, heartbeat)
+            except StopAsyncIteration:
+                pass
+            except GatewayError as err:
+                status = {"code": err.code.value[0], "message": err.message}
+                await resp.write(b"event: error\ndata: " + orjson.dumps(status) + b"\n\n")
+        await resp.write_eof()
+        return resp
+    except ConnectionError:
+        if resp is None:
+            raise
+        log.debug("%s: client went away mid-stream (request id %d)", b.name, ctx.request_id)
+        return resp
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def _next_unless_gone(
+    stream: AsyncIterator[Message], request: web.BaseRequest, heartbeat: Callable[[], Awaitable[None]] | None = None
+) -> Message:
     """The stream's next message, or ConnectionResetError once the client has gone away.
 
     aiohttp does not cancel the handler of a client that disconnected, and a stream with nothing
     to send never writes, so it would never notice: it would hold its broker fetches and the
     principal's stream slot for good. The transport is checked every _GONE_CHECK_S instead."""
     step = asyncio.ensure_future(anext(stream))
+    quiet_since = time.monotonic()
     try:
         while True:
             done, _ = await asyncio.wait((step,), timeout=_GONE_CHECK_S)
@@ -146,6 +210,9 @@ async def _next_unless_gone(stream: AsyncIterator[Message], request: web.BaseReq
             transport = request.transport
             if transport is None or transport.is_closing():
                 raise ConnectionResetError("the client went away")
+            if heartbeat is not None and time.monotonic() - quiet_since >= SSE_HEARTBEAT_S:
+                await heartbeat()
+                quiet_since = time.monotonic()
     finally:
         if not step.done():
             step.cancel()  # the servicer stops, and the Guard releases the stream slot

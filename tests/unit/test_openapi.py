@@ -88,10 +88,12 @@ def test_contract_operations() -> None:
     assert set(ops) == {
         "AuthService_Authenticate", "AuthService_RefreshToken", "ProduceService_ProduceSingle",
         "ProduceService_ProduceBatch", "ProduceService_ProduceStream", "ConsumeService_ConsumeBatch",
-        "ConsumeService_Ack", "ConsumeService_Subscribe", "MonitoringService_Status",
+        "ConsumeService_Ack", "ConsumeService_Subscribe", "ConsumeService_ConsumeEvents", "MonitoringService_Status",
         "MonitoringService_GetResourcesUtilization", "OpenAPI",
         "UserService_CreateUser", "UserService_ListUsers", "UserService_GetUser", "UserService_DeleteUser",
         "ApiKeyService_CreateApiKey", "ApiKeyService_ListApiKeys", "ApiKeyService_DeleteApiKey",
+        "StationService_CreateStation", "StationService_ListStations", "StationService_GetStation",
+        "StationService_DeleteStation",
     }  # fmt: skip
     single = ops["ProduceService_ProduceSingle"]
     assert single["_path"] == "/stations/{station}/produce/single" and single["_method"] == "post"
@@ -99,6 +101,7 @@ def test_contract_operations() -> None:
         {"name": "station", "in": "path", "required": True, "schema": {"type": "string"}},
         {"name": "idempotencyKey", "in": "query", "schema": {"type": "string"}},
         {"name": "partitionKey", "in": "query", "schema": {"type": "string"}},
+        {"name": "producerName", "in": "query", "schema": {"type": "string"}},
     ]
     assert set(single["requestBody"]["content"]) == {"text/*", "application/json", "application/x-protobuf"}
     assert {"400", "401", "413", "415", "429", "503"} <= set(single["responses"])

@@ -151,6 +151,15 @@ class FakeConsume:
         if self.calls.failures and request.consumer_name == "breaks":
             raise Unavailable("broker went away")
 
+    async def ConsumeEvents(self, request: Any, ctx: CallContext) -> AsyncIterator[Message]:
+        self.calls.add("ConsumeEvents", request, ctx)
+        yield consume_pb2.ConsumeEventsResponse(id="1:0")
+        for i in range(1, 3):
+            yield consume_pb2.ConsumeEventsResponse(
+                id=f"1:{i}", message=consume_pb2.ConsumedMessage(message=b"m%d" % i, sequence=i, partition=1))
+        if request.consumer_name == "breaks":
+            raise Unavailable("broker went away")
+
 
 class FakeAuth:
     SERVICE = "memgw.v1.AuthService"
@@ -964,3 +973,22 @@ def test_never_a_5xx(
     assert b"Traceback" not in data
     if data and resp.getheader("Content-Type") == "application/json":
         orjson.loads(data)
+
+
+async def test_sse_stream_format(server: Server) -> None:
+    """StreamFormat SSE: text/event-stream, an id-only event for an unset response_body, then an error event."""
+    headers = {"Authorization": f"Bearer {TOKEN}", "Last-Event-ID": "1:7"}
+    async with server.session.get(server.url + "/stations/s/consume/sse?consumer_name=breaks",
+                                  headers=headers) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"] == "text/event-stream" and resp.headers["Cache-Control"] == "no-cache"
+        text = (await resp.read()).decode()
+    assert text == (
+        "retry: 1000\n\n"
+        "id: 1:0\n\n"
+        'id: 1:1\ndata: {"message":"m1","headers":{},"sequence":1,"partition":1}\n\n'
+        'id: 1:2\ndata: {"message":"m2","headers":{},"sequence":2,"partition":1}\n\n'
+        'event: error\ndata: {"code":14,"message":"broker went away"}\n\n'
+    )
+    request, ctx = server.calls.last("ConsumeEvents")
+    assert request.station == "s" and ctx.metadata["last-event-id"] == "1:7"

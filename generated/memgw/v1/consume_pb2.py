@@ -25,10 +25,11 @@ _sym_db = _symbol_database.Default()
 
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from memgw.v1 import options_pb2 as memgw_dot_v1_dot_options__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16memgw/v1/consume.proto\x12\x08memgw.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x16memgw/v1/options.proto\"\xe2\x01\n\x13\x43onsumeBatchRequest\x12\x0f\n\x07station\x18\x01 \x01(\t\x12\x15\n\rconsumer_name\x18\x02 \x01(\t\x12\x16\n\x0e\x63onsumer_group\x18\x03 \x01(\t\x12\x17\n\nbatch_size\x18\x04 \x01(\rH\x00\x88\x01\x01\x12#\n\x16\x62\x61tch_max_wait_time_ms\x18\x05 \x01(\rH\x01\x88\x01\x01\x12#\n\x08\x61\x63k_mode\x18\x06 \x01(\x0e\x32\x11.memgw.v1.AckModeB\r\n\x0b_batch_sizeB\x19\n\x17_batch_max_wait_time_ms\"\xb1\x01\n\x0f\x43onsumedMessage\x12\x15\n\x07message\x18\x01 \x01(\x0c\x42\x04\xa8\xd1\x18\x01\x12\x37\n\x07headers\x18\x02 \x03(\x0b\x32&.memgw.v1.ConsumedMessage.HeadersEntry\x12\x13\n\x06\x61\x63k_id\x18\x03 \x01(\tH\x00\x88\x01\x01\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07_ack_id\"C\n\x14\x43onsumeBatchResponse\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.memgw.v1.ConsumedMessage\"<\n\nAckRequest\x12\x0f\n\x07station\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x63k_ids\x18\x02 \x03(\t\x12\x0c\n\x04nack\x18\x03 \x01(\x08\"X\n\x0b\x41\x63kResponse\x12)\n\x05\x65rror\x18\x01 \x01(\x0e\x32\x1a.google.protobuf.NullValue\x12\x0f\n\x07success\x18\x02 \x01(\x08\x12\r\n\x05\x61\x63ked\x18\x03 \x01(\r\"\x9f\x01\n\x10SubscribeRequest\x12\x0f\n\x07station\x18\x01 \x01(\t\x12\x15\n\rconsumer_name\x18\x02 \x01(\t\x12\x16\n\x0e\x63onsumer_group\x18\x03 \x01(\t\x12#\n\x08\x61\x63k_mode\x18\x04 \x01(\x0e\x32\x11.memgw.v1.AckMode\x12\x17\n\nbatch_size\x18\x05 \x01(\rH\x00\x88\x01\x01\x42\r\n\x0b_batch_size\"@\n\x11SubscribeResponse\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.memgw.v1.ConsumedMessage*:\n\x07\x41\x63kMode\x12\x18\n\x14\x41\x43K_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41\x43K_MODE_EXPLICIT\x10\x01\x32\xa7\x03\n\x0e\x43onsumeService\x12\x9a\x01\n\x0c\x43onsumeBatch\x12\x1d.memgw.v1.ConsumeBatchRequest\x1a\x1e.memgw.v1.ConsumeBatchResponse\"K\x9a\xd1\x18\x02\x10\x02\xa2\xd1\x18\x0b\x10\x02\x1a\x07station\x82\xd3\xe4\x93\x02\x30\"!/stations/{station}/consume/batch:\x01*b\x08messages\x12k\n\x03\x41\x63k\x12\x14.memgw.v1.AckRequest\x1a\x15.memgw.v1.AckResponse\"7\x9a\xd1\x18\x02\x10\x02\xa2\xd1\x18\x0b\x10\x02\x1a\x07station\x82\xd3\xe4\x93\x02\x1c\"\x17/stations/{station}/ack:\x01*\x12\x8a\x01\n\tSubscribe\x12\x1a.memgw.v1.SubscribeRequest\x1a\x1b.memgw.v1.SubscribeResponse\"B\x9a\xd1\x18\x02\x10\x02\xa2\xd1\x18\x0b\x10\x02\x1a\x07station\x82\xd3\xe4\x93\x02\'\"\"/stations/{station}/consume/stream:\x01*0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16memgw/v1/consume.proto\x12\x08memgw.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16memgw/v1/options.proto\"\xde\x03\n\x13\x43onsumeBatchRequest\x12\x0f\n\x07station\x18\x01 \x01(\t\x12\x15\n\rconsumer_name\x18\x02 \x01(\t\x12\x16\n\x0e\x63onsumer_group\x18\x03 \x01(\t\x12\x17\n\nbatch_size\x18\x04 \x01(\rH\x00\x88\x01\x01\x12#\n\x16\x62\x61tch_max_wait_time_ms\x18\x05 \x01(\rH\x01\x88\x01\x01\x12#\n\x08\x61\x63k_mode\x18\x06 \x01(\x0e\x32\x11.memgw.v1.AckMode\x12\x18\n\x10include_metadata\x18\x07 \x01(\x08\x12\x1f\n\x12max_msg_deliveries\x18\x08 \x01(\rH\x02\x88\x01\x01\x12\x1c\n\x0fmax_ack_time_ms\x18\t \x01(\rH\x03\x88\x01\x01\x12(\n\x1bstart_consume_from_sequence\x18\n \x01(\x04H\x04\x88\x01\x01\x12\x1a\n\rlast_messages\x18\x0b \x01(\x03H\x05\x88\x01\x01\x42\r\n\x0b_batch_sizeB\x19\n\x17_batch_max_wait_time_msB\x15\n\x13_max_msg_deliveriesB\x12\n\x10_max_ack_time_msB\x1e\n\x1c_start_consume_from_sequenceB\x10\n\x0e_last_messages\"\xd2\x02\n\x0f\x43onsumedMessage\x12\x15\n\x07message\x18\x01 \x01(\x0c\x42\x04\xa8\xd1\x18\x01\x12\x37\n\x07headers\x18\x02 \x03(\x0b\x32&.memgw.v1.ConsumedMessage.HeadersEntry\x12\x13\n\x06\x61\x63k_id\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x15\n\x08sequence\x18\x04 \x01(\x04H\x01\x88\x01\x01\x12\x16\n\tpartition\x18\x05 \x01(\rH\x02\x88\x01\x01\x12-\n\ttimestamp\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\ndeliveries\x18\x07 \x01(\rH\x03\x88\x01\x01\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07_ack_idB\x0b\n\t_sequenceB\x0c\n\n_partitionB\r\n\x0b_deliveries\"C\n\x14\x43onsumeBatchResponse\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.memgw.v1.ConsumedMessage\"<\n\nAckRequest\x12\x0f\n\x07station\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x63k_ids\x18\x02 \x03(\t\x12\x0c\n\x04nack\x18\x03 \x01(\x08\"X\n\x0b\x41\x63kResponse\x12)\n\x05\x65rror\x18\x01 \x01(\x0e\x32\x1a.google.protobuf.NullValue\x12\x0f\n\x07success\x18\x02 \x01(\x08\x12\r\n\x05\x61\x63ked\x18\x03 \x01(\r\"\x9b\x03\n\x10SubscribeRequest\x12\x0f\n\x07station\x18\x01 \x01(\t\x12\x15\n\rconsumer_name\x18\x02 \x01(\t\x12\x16\n\x0e\x63onsumer_group\x18\x03 \x01(\t\x12#\n\x08\x61\x63k_mode\x18\x04 \x01(\x0e\x32\x11.memgw.v1.AckMode\x12\x17\n\nbatch_size\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x10include_metadata\x18\x06 \x01(\x08\x12\x1f\n\x12max_msg_deliveries\x18\x07 \x01(\rH\x01\x88\x01\x01\x12\x1c\n\x0fmax_ack_time_ms\x18\x08 \x01(\rH\x02\x88\x01\x01\x12(\n\x1bstart_consume_from_sequence\x18\t \x01(\x04H\x03\x88\x01\x01\x12\x1a\n\rlast_messages\x18\n \x01(\x03H\x04\x88\x01\x01\x42\r\n\x0b_batch_sizeB\x15\n\x13_max_msg_deliveriesB\x12\n\x10_max_ack_time_msB\x1e\n\x1c_start_consume_from_sequenceB\x10\n\x0e_last_messages\"@\n\x11SubscribeResponse\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.memgw.v1.ConsumedMessage\"\xcf\x02\n\x14\x43onsumeEventsRequest\x12\x0f\n\x07station\x18\x01 \x01(\t\x12\x15\n\rconsumer_name\x18\x02 \x01(\t\x12\x16\n\x0e\x63onsumer_group\x18\x03 \x01(\t\x12\x15\n\rlast_event_id\x18\x04 \x01(\t\x12\x1f\n\x12max_msg_deliveries\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x1c\n\x0fmax_ack_time_ms\x18\x06 \x01(\rH\x01\x88\x01\x01\x12(\n\x1bstart_consume_from_sequence\x18\x07 \x01(\x04H\x02\x88\x01\x01\x12\x1a\n\rlast_messages\x18\x08 \x01(\x03H\x03\x88\x01\x01\x42\x15\n\x13_max_msg_deliveriesB\x12\n\x10_max_ack_time_msB\x1e\n\x1c_start_consume_from_sequenceB\x10\n\x0e_last_messages\"O\n\x15\x43onsumeEventsResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12*\n\x07message\x18\x02 \x01(\x0b\x32\x19.memgw.v1.ConsumedMessage*:\n\x07\x41\x63kMode\x12\x18\n\x14\x41\x43K_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41\x43K_MODE_EXPLICIT\x10\x01\x32\xba\x04\n\x0e\x43onsumeService\x12\x9a\x01\n\x0c\x43onsumeBatch\x12\x1d.memgw.v1.ConsumeBatchRequest\x1a\x1e.memgw.v1.ConsumeBatchResponse\"K\x9a\xd1\x18\x02\x10\x02\xa2\xd1\x18\x0b\x10\x02\x1a\x07station\x82\xd3\xe4\x93\x02\x30\"!/stations/{station}/consume/batch:\x01*b\x08messages\x12k\n\x03\x41\x63k\x12\x14.memgw.v1.AckRequest\x1a\x15.memgw.v1.AckResponse\"7\x9a\xd1\x18\x02\x10\x02\xa2\xd1\x18\x0b\x10\x02\x1a\x07station\x82\xd3\xe4\x93\x02\x1c\"\x17/stations/{station}/ack:\x01*\x12\x8a\x01\n\tSubscribe\x12\x1a.memgw.v1.SubscribeRequest\x1a\x1b.memgw.v1.SubscribeResponse\"B\x9a\xd1\x18\x02\x10\x02\xa2\xd1\x18\x0b\x10\x02\x1a\x07station\x82\xd3\xe4\x93\x02\'\"\"/stations/{station}/consume/stream:\x01*0\x01\x12\x90\x01\n\rConsumeEvents\x12\x1e.memgw.v1.ConsumeEventsRequest\x1a\x1f.memgw.v1.ConsumeEventsResponse\"<\x9a\xd1\x18\x08\x10\x02 \x01*\x02id\x82\xd3\xe4\x93\x02*\x12\x1f/stations/{station}/consume/sseb\x07message0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,24 +46,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONSUMESERVICE'].methods_by_name['Ack']._serialized_options = b'\232\321\030\002\020\002\242\321\030\013\020\002\032\007station\202\323\344\223\002\034\"\027/stations/{station}/ack:\001*'
   _globals['_CONSUMESERVICE'].methods_by_name['Subscribe']._loaded_options = None
   _globals['_CONSUMESERVICE'].methods_by_name['Subscribe']._serialized_options = b'\232\321\030\002\020\002\242\321\030\013\020\002\032\007station\202\323\344\223\002\'\"\"/stations/{station}/consume/stream:\001*'
-  _globals['_ACKMODE']._serialized_start=978
-  _globals['_ACKMODE']._serialized_end=1036
-  _globals['_CONSUMEBATCHREQUEST']._serialized_start=121
-  _globals['_CONSUMEBATCHREQUEST']._serialized_end=347
-  _globals['_CONSUMEDMESSAGE']._serialized_start=350
-  _globals['_CONSUMEDMESSAGE']._serialized_end=527
-  _globals['_CONSUMEDMESSAGE_HEADERSENTRY']._serialized_start=470
-  _globals['_CONSUMEDMESSAGE_HEADERSENTRY']._serialized_end=516
-  _globals['_CONSUMEBATCHRESPONSE']._serialized_start=529
-  _globals['_CONSUMEBATCHRESPONSE']._serialized_end=596
-  _globals['_ACKREQUEST']._serialized_start=598
-  _globals['_ACKREQUEST']._serialized_end=658
-  _globals['_ACKRESPONSE']._serialized_start=660
-  _globals['_ACKRESPONSE']._serialized_end=748
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=751
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=910
-  _globals['_SUBSCRIBERESPONSE']._serialized_start=912
-  _globals['_SUBSCRIBERESPONSE']._serialized_end=976
-  _globals['_CONSUMESERVICE']._serialized_start=1039
-  _globals['_CONSUMESERVICE']._serialized_end=1462
+  _globals['_CONSUMESERVICE'].methods_by_name['ConsumeEvents']._loaded_options = None
+  _globals['_CONSUMESERVICE'].methods_by_name['ConsumeEvents']._serialized_options = b'\232\321\030\010\020\002 \001*\002id\202\323\344\223\002*\022\037/stations/{station}/consume/sseb\007message'
+  _globals['_ACKMODE']._serialized_start=2095
+  _globals['_ACKMODE']._serialized_end=2153
+  _globals['_CONSUMEBATCHREQUEST']._serialized_start=154
+  _globals['_CONSUMEBATCHREQUEST']._serialized_end=632
+  _globals['_CONSUMEDMESSAGE']._serialized_start=635
+  _globals['_CONSUMEDMESSAGE']._serialized_end=973
+  _globals['_CONSUMEDMESSAGE_HEADERSENTRY']._serialized_start=874
+  _globals['_CONSUMEDMESSAGE_HEADERSENTRY']._serialized_end=920
+  _globals['_CONSUMEBATCHRESPONSE']._serialized_start=975
+  _globals['_CONSUMEBATCHRESPONSE']._serialized_end=1042
+  _globals['_ACKREQUEST']._serialized_start=1044
+  _globals['_ACKREQUEST']._serialized_end=1104
+  _globals['_ACKRESPONSE']._serialized_start=1106
+  _globals['_ACKRESPONSE']._serialized_end=1194
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=1197
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=1608
+  _globals['_SUBSCRIBERESPONSE']._serialized_start=1610
+  _globals['_SUBSCRIBERESPONSE']._serialized_end=1674
+  _globals['_CONSUMEEVENTSREQUEST']._serialized_start=1677
+  _globals['_CONSUMEEVENTSREQUEST']._serialized_end=2012
+  _globals['_CONSUMEEVENTSRESPONSE']._serialized_start=2014
+  _globals['_CONSUMEEVENTSRESPONSE']._serialized_end=2093
+  _globals['_CONSUMESERVICE']._serialized_start=2156
+  _globals['_CONSUMESERVICE']._serialized_end=2726
 # @@protoc_insertion_point(module_scope)

@@ -52,6 +52,11 @@ class ConsumeServiceStub:
                 request_serializer=memgw_dot_v1_dot_consume__pb2.SubscribeRequest.SerializeToString,
                 response_deserializer=memgw_dot_v1_dot_consume__pb2.SubscribeResponse.FromString,
                 _registered_method=True)
+        self.ConsumeEvents = channel.unary_stream(
+                '/memgw.v1.ConsumeService/ConsumeEvents',
+                request_serializer=memgw_dot_v1_dot_consume__pb2.ConsumeEventsRequest.SerializeToString,
+                response_deserializer=memgw_dot_v1_dot_consume__pb2.ConsumeEventsResponse.FromString,
+                _registered_method=True)
 
 
 class ConsumeServiceServicer:
@@ -82,6 +87,19 @@ class ConsumeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ConsumeEvents(self, request, context):
+        """Server-sent events for browsers (EventSource; token as ?authorization=).
+        Each event is one message; its id is the cursor "partition:sequence[,...]"
+        (per partition, the last sequence sent). The first event has the starting
+        cursor only. A client reconnecting with Last-Event-ID (the header, or
+        last_event_id) misses nothing and gets nothing twice that it received, when
+        it is the only reader of its consumer group. Messages are acknowledged once
+        written to the connection.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ConsumeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -99,6 +117,11 @@ def add_ConsumeServiceServicer_to_server(servicer, server):
                     servicer.Subscribe,
                     request_deserializer=memgw_dot_v1_dot_consume__pb2.SubscribeRequest.FromString,
                     response_serializer=memgw_dot_v1_dot_consume__pb2.SubscribeResponse.SerializeToString,
+            ),
+            'ConsumeEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.ConsumeEvents,
+                    request_deserializer=memgw_dot_v1_dot_consume__pb2.ConsumeEventsRequest.FromString,
+                    response_serializer=memgw_dot_v1_dot_consume__pb2.ConsumeEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -184,6 +207,33 @@ class ConsumeService:
             '/memgw.v1.ConsumeService/Subscribe',
             memgw_dot_v1_dot_consume__pb2.SubscribeRequest.SerializeToString,
             memgw_dot_v1_dot_consume__pb2.SubscribeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConsumeEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/memgw.v1.ConsumeService/ConsumeEvents',
+            memgw_dot_v1_dot_consume__pb2.ConsumeEventsRequest.SerializeToString,
+            memgw_dot_v1_dot_consume__pb2.ConsumeEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -26,19 +26,21 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import descriptor_pb2 as google_dot_protobuf_dot_descriptor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16memgw/v1/options.proto\x12\x08memgw.v1\x1a google/protobuf/descriptor.proto\"j\n\x0fHttpTranscoding\x12\x15\n\rheaders_field\x18\x01 \x01(\t\x12\'\n\nerror_body\x18\x02 \x01(\x0e\x32\x13.memgw.v1.ErrorBody\x12\x17\n\x0fquery_with_body\x18\x03 \x01(\x08\"W\n\x0cMethodAccess\x12\x0e\n\x06public\x18\x01 \x01(\x08\x12 \n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x10.memgw.v1.Action\x12\x15\n\rstation_field\x18\x03 \x01(\t*\\\n\tErrorBody\x12\x1a\n\x16\x45RROR_BODY_UNSPECIFIED\x10\x00\x12\x16\n\x12\x45RROR_BODY_MESSAGE\x10\x01\x12\x1b\n\x17\x45RROR_BODY_SUCCESS_FLAG\x10\x02*[\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x41\x43TION_PRODUCE\x10\x01\x12\x12\n\x0e\x41\x43TION_CONSUME\x10\x02\x12\x11\n\rACTION_MANAGE\x10\x03:P\n\x0btranscoding\x12\x1e.google.protobuf.MethodOptions\x18\x93\x8a\x03 \x01(\x0b\x32\x19.memgw.v1.HttpTranscoding:H\n\x06\x61\x63\x63\x65ss\x12\x1e.google.protobuf.MethodOptions\x18\x94\x8a\x03 \x01(\x0b\x32\x16.memgw.v1.MethodAccess:2\n\tjson_text\x12\x1d.google.protobuf.FieldOptions\x18\x95\x8a\x03 \x01(\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16memgw/v1/options.proto\x12\x08memgw.v1\x1a google/protobuf/descriptor.proto\"\xb1\x01\n\x0fHttpTranscoding\x12\x15\n\rheaders_field\x18\x01 \x01(\t\x12\'\n\nerror_body\x18\x02 \x01(\x0e\x32\x13.memgw.v1.ErrorBody\x12\x17\n\x0fquery_with_body\x18\x03 \x01(\x08\x12-\n\rstream_format\x18\x04 \x01(\x0e\x32\x16.memgw.v1.StreamFormat\x12\x16\n\x0e\x65vent_id_field\x18\x05 \x01(\t\"W\n\x0cMethodAccess\x12\x0e\n\x06public\x18\x01 \x01(\x08\x12 \n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x10.memgw.v1.Action\x12\x15\n\rstation_field\x18\x03 \x01(\t*\\\n\tErrorBody\x12\x1a\n\x16\x45RROR_BODY_UNSPECIFIED\x10\x00\x12\x16\n\x12\x45RROR_BODY_MESSAGE\x10\x01\x12\x1b\n\x17\x45RROR_BODY_SUCCESS_FLAG\x10\x02*D\n\x0cStreamFormat\x12\x1d\n\x19STREAM_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11STREAM_FORMAT_SSE\x10\x01*[\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x41\x43TION_PRODUCE\x10\x01\x12\x12\n\x0e\x41\x43TION_CONSUME\x10\x02\x12\x11\n\rACTION_MANAGE\x10\x03:P\n\x0btranscoding\x12\x1e.google.protobuf.MethodOptions\x18\x93\x8a\x03 \x01(\x0b\x32\x19.memgw.v1.HttpTranscoding:H\n\x06\x61\x63\x63\x65ss\x12\x1e.google.protobuf.MethodOptions\x18\x94\x8a\x03 \x01(\x0b\x32\x16.memgw.v1.MethodAccess:2\n\tjson_text\x12\x1d.google.protobuf.FieldOptions\x18\x95\x8a\x03 \x01(\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'memgw.v1.options_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ERRORBODY']._serialized_start=267
-  _globals['_ERRORBODY']._serialized_end=359
-  _globals['_ACTION']._serialized_start=361
-  _globals['_ACTION']._serialized_end=452
-  _globals['_HTTPTRANSCODING']._serialized_start=70
-  _globals['_HTTPTRANSCODING']._serialized_end=176
-  _globals['_METHODACCESS']._serialized_start=178
-  _globals['_METHODACCESS']._serialized_end=265
+  _globals['_ERRORBODY']._serialized_start=339
+  _globals['_ERRORBODY']._serialized_end=431
+  _globals['_STREAMFORMAT']._serialized_start=433
+  _globals['_STREAMFORMAT']._serialized_end=501
+  _globals['_ACTION']._serialized_start=503
+  _globals['_ACTION']._serialized_end=594
+  _globals['_HTTPTRANSCODING']._serialized_start=71
+  _globals['_HTTPTRANSCODING']._serialized_end=248
+  _globals['_METHODACCESS']._serialized_start=250
+  _globals['_METHODACCESS']._serialized_end=337
 # @@protoc_insertion_point(module_scope)

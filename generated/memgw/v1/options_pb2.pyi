@@ -13,6 +13,11 @@ class ErrorBody(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_BODY_MESSAGE: _ClassVar[ErrorBody]
     ERROR_BODY_SUCCESS_FLAG: _ClassVar[ErrorBody]
 
+class StreamFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STREAM_FORMAT_UNSPECIFIED: _ClassVar[StreamFormat]
+    STREAM_FORMAT_SSE: _ClassVar[StreamFormat]
+
 class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     ACTION_UNSPECIFIED: _ClassVar[Action]
@@ -22,6 +27,8 @@ class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 ERROR_BODY_UNSPECIFIED: ErrorBody
 ERROR_BODY_MESSAGE: ErrorBody
 ERROR_BODY_SUCCESS_FLAG: ErrorBody
+STREAM_FORMAT_UNSPECIFIED: StreamFormat
+STREAM_FORMAT_SSE: StreamFormat
 ACTION_UNSPECIFIED: Action
 ACTION_PRODUCE: Action
 ACTION_CONSUME: Action
@@ -34,14 +41,18 @@ JSON_TEXT_FIELD_NUMBER: _ClassVar[int]
 json_text: _descriptor.FieldDescriptor
 
 class HttpTranscoding(_message.Message):
-    __slots__ = ("headers_field", "error_body", "query_with_body")
+    __slots__ = ("headers_field", "error_body", "query_with_body", "stream_format", "event_id_field")
     HEADERS_FIELD_FIELD_NUMBER: _ClassVar[int]
     ERROR_BODY_FIELD_NUMBER: _ClassVar[int]
     QUERY_WITH_BODY_FIELD_NUMBER: _ClassVar[int]
+    STREAM_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    EVENT_ID_FIELD_FIELD_NUMBER: _ClassVar[int]
     headers_field: str
     error_body: ErrorBody
     query_with_body: bool
-    def __init__(self, headers_field: _Optional[str] = ..., error_body: _Optional[_Union[ErrorBody, str]] = ..., query_with_body: _Optional[bool] = ...) -> None: ...
+    stream_format: StreamFormat
+    event_id_field: str
+    def __init__(self, headers_field: _Optional[str] = ..., error_body: _Optional[_Union[ErrorBody, str]] = ..., query_with_body: _Optional[bool] = ..., stream_format: _Optional[_Union[StreamFormat, str]] = ..., event_id_field: _Optional[str] = ...) -> None: ...
 
 class MethodAccess(_message.Message):
     __slots__ = ("public", "action", "station_field")

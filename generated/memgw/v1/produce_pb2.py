@@ -29,7 +29,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from memgw.v1 import options_pb2 as memgw_dot_v1_dot_options__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16memgw/v1/produce.proto\x12\x08memgw.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x16memgw/v1/options.proto\"\xb8\x01\n\x0fProducedMessage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x37\n\x07headers\x18\x02 \x03(\x0b\x32&.memgw.v1.ProducedMessage.HeadersEntry\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x15\n\rpartition_key\x18\x04 \x01(\t\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe9\x01\n\x14ProduceSingleRequest\x12\x0f\n\x07station\x18\x01 \x01(\t\x12\"\n\x04\x62ody\x18\x02 \x01(\x0b\x32\x14.google.api.HttpBody\x12<\n\x07headers\x18\x03 \x03(\x0b\x32+.memgw.v1.ProduceSingleRequest.HeadersEntry\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12\x15\n\rpartition_key\x18\x05 \x01(\t\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"S\n\x15ProduceSingleResponse\x12)\n\x05\x65rror\x18\x01 \x01(\x0e\x32\x1a.google.protobuf.NullValue\x12\x0f\n\x07success\x18\x02 \x01(\x08\"\xe4\x01\n\x13ProduceBatchRequest\x12\x0f\n\x07station\x18\x01 \x01(\t\x12\"\n\x04\x62ody\x18\x02 \x01(\x0b\x32\x14.google.api.HttpBody\x12;\n\x07headers\x18\x03 \x03(\x0b\x32*.memgw.v1.ProduceBatchRequest.HeadersEntry\x12+\n\x08messages\x18\x04 \x03(\x0b\x32\x19.memgw.v1.ProducedMessage\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"R\n\x14ProduceBatchResponse\x12)\n\x05\x65rror\x18\x01 \x01(\x0e\x32\x1a.google.protobuf.NullValue\x12\x0f\n\x07success\x18\x02 \x01(\x08\"R\n\x13ProduceBatchFailure\x12\x0e\n\x06\x65rrors\x18\x01 \x03(\t\x12\x0c\n\x04\x66\x61il\x18\x02 \x01(\r\x12\x0c\n\x04sent\x18\x03 \x01(\r\x12\x0f\n\x07success\x18\x04 \x01(\x08\"T\n\x14ProduceStreamRequest\x12\x0f\n\x07station\x18\x01 \x01(\t\x12+\n\x08messages\x18\x02 \x03(\x0b\x32\x19.memgw.v1.ProducedMessage\"a\n\x15ProduceStreamResponse\x12)\n\x05\x65rror\x18\x01 \x01(\x0e\x32\x1a.google.protobuf.NullValue\x12\x0f\n\x07success\x18\x02 \x01(\x08\x12\x0c\n\x04sent\x18\x03 \x01(\x04\x32\xce\x03\n\x0eProduceService\x12\xa0\x01\n\rProduceSingle\x12\x1e.memgw.v1.ProduceSingleRequest\x1a\x1f.memgw.v1.ProduceSingleResponse\"N\x9a\xd1\x18\x0b\n\x07headers\x10\x02\xa2\xd1\x18\x0b\x10\x01\x1a\x07station\x82\xd3\xe4\x93\x02*\"\"/stations/{station}/produce/single:\x04\x62ody\x12\x9c\x01\n\x0cProduceBatch\x12\x1d.memgw.v1.ProduceBatchRequest\x1a\x1e.memgw.v1.ProduceBatchResponse\"M\x9a\xd1\x18\x0b\n\x07headers\x10\x02\xa2\xd1\x18\x0b\x10\x01\x1a\x07station\x82\xd3\xe4\x93\x02)\"!/stations/{station}/produce/batch:\x04\x62ody\x12z\n\rProduceStream\x12\x1e.memgw.v1.ProduceStreamRequest\x1a\x1f.memgw.v1.ProduceStreamResponse\"&\x9a\xd1\x18\x02\x10\x02\xa2\xd1\x18\x02\x10\x01\x82\xd3\xe4\x93\x02\x14\"\x0f/produce/stream:\x01*(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16memgw/v1/produce.proto\x12\x08memgw.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x16memgw/v1/options.proto\"\xb8\x01\n\x0fProducedMessage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x37\n\x07headers\x18\x02 \x03(\x0b\x32&.memgw.v1.ProducedMessage.HeadersEntry\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x15\n\rpartition_key\x18\x04 \x01(\t\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x80\x02\n\x14ProduceSingleRequest\x12\x0f\n\x07station\x18\x01 \x01(\t\x12\"\n\x04\x62ody\x18\x02 \x01(\x0b\x32\x14.google.api.HttpBody\x12<\n\x07headers\x18\x03 \x03(\x0b\x32+.memgw.v1.ProduceSingleRequest.HeadersEntry\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12\x15\n\rpartition_key\x18\x05 \x01(\t\x12\x15\n\rproducer_name\x18\x06 \x01(\t\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"S\n\x15ProduceSingleResponse\x12)\n\x05\x65rror\x18\x01 \x01(\x0e\x32\x1a.google.protobuf.NullValue\x12\x0f\n\x07success\x18\x02 \x01(\x08\"\xfb\x01\n\x13ProduceBatchRequest\x12\x0f\n\x07station\x18\x01 \x01(\t\x12\"\n\x04\x62ody\x18\x02 \x01(\x0b\x32\x14.google.api.HttpBody\x12;\n\x07headers\x18\x03 \x03(\x0b\x32*.memgw.v1.ProduceBatchRequest.HeadersEntry\x12+\n\x08messages\x18\x04 \x03(\x0b\x32\x19.memgw.v1.ProducedMessage\x12\x15\n\rproducer_name\x18\x05 \x01(\t\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"R\n\x14ProduceBatchResponse\x12)\n\x05\x65rror\x18\x01 \x01(\x0e\x32\x1a.google.protobuf.NullValue\x12\x0f\n\x07success\x18\x02 \x01(\x08\"R\n\x13ProduceBatchFailure\x12\x0e\n\x06\x65rrors\x18\x01 \x03(\t\x12\x0c\n\x04\x66\x61il\x18\x02 \x01(\r\x12\x0c\n\x04sent\x18\x03 \x01(\r\x12\x0f\n\x07success\x18\x04 \x01(\x08\"k\n\x14ProduceStreamRequest\x12\x0f\n\x07station\x18\x01 \x01(\t\x12+\n\x08messages\x18\x02 \x03(\x0b\x32\x19.memgw.v1.ProducedMessage\x12\x15\n\rproducer_name\x18\x03 \x01(\t\"a\n\x15ProduceStreamResponse\x12)\n\x05\x65rror\x18\x01 \x01(\x0e\x32\x1a.google.protobuf.NullValue\x12\x0f\n\x07success\x18\x02 \x01(\x08\x12\x0c\n\x04sent\x18\x03 \x01(\x04\x32\xce\x03\n\x0eProduceService\x12\xa0\x01\n\rProduceSingle\x12\x1e.memgw.v1.ProduceSingleRequest\x1a\x1f.memgw.v1.ProduceSingleResponse\"N\x9a\xd1\x18\x0b\n\x07headers\x10\x02\xa2\xd1\x18\x0b\x10\x01\x1a\x07station\x82\xd3\xe4\x93\x02*\"\"/stations/{station}/produce/single:\x04\x62ody\x12\x9c\x01\n\x0cProduceBatch\x12\x1d.memgw.v1.ProduceBatchRequest\x1a\x1e.memgw.v1.ProduceBatchResponse\"M\x9a\xd1\x18\x0b\n\x07headers\x10\x02\xa2\xd1\x18\x0b\x10\x01\x1a\x07station\x82\xd3\xe4\x93\x02)\"!/stations/{station}/produce/batch:\x04\x62ody\x12z\n\rProduceStream\x12\x1e.memgw.v1.ProduceStreamRequest\x1a\x1f.memgw.v1.ProduceStreamResponse\"&\x9a\xd1\x18\x02\x10\x02\xa2\xd1\x18\x02\x10\x01\x82\xd3\xe4\x93\x02\x14\"\x0f/produce/stream:\x01*(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -53,23 +53,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PRODUCEDMESSAGE_HEADERSENTRY']._serialized_start=286
   _globals['_PRODUCEDMESSAGE_HEADERSENTRY']._serialized_end=332
   _globals['_PRODUCESINGLEREQUEST']._serialized_start=335
-  _globals['_PRODUCESINGLEREQUEST']._serialized_end=568
+  _globals['_PRODUCESINGLEREQUEST']._serialized_end=591
   _globals['_PRODUCESINGLEREQUEST_HEADERSENTRY']._serialized_start=286
   _globals['_PRODUCESINGLEREQUEST_HEADERSENTRY']._serialized_end=332
-  _globals['_PRODUCESINGLERESPONSE']._serialized_start=570
-  _globals['_PRODUCESINGLERESPONSE']._serialized_end=653
-  _globals['_PRODUCEBATCHREQUEST']._serialized_start=656
-  _globals['_PRODUCEBATCHREQUEST']._serialized_end=884
+  _globals['_PRODUCESINGLERESPONSE']._serialized_start=593
+  _globals['_PRODUCESINGLERESPONSE']._serialized_end=676
+  _globals['_PRODUCEBATCHREQUEST']._serialized_start=679
+  _globals['_PRODUCEBATCHREQUEST']._serialized_end=930
   _globals['_PRODUCEBATCHREQUEST_HEADERSENTRY']._serialized_start=286
   _globals['_PRODUCEBATCHREQUEST_HEADERSENTRY']._serialized_end=332
-  _globals['_PRODUCEBATCHRESPONSE']._serialized_start=886
-  _globals['_PRODUCEBATCHRESPONSE']._serialized_end=968
-  _globals['_PRODUCEBATCHFAILURE']._serialized_start=970
-  _globals['_PRODUCEBATCHFAILURE']._serialized_end=1052
-  _globals['_PRODUCESTREAMREQUEST']._serialized_start=1054
-  _globals['_PRODUCESTREAMREQUEST']._serialized_end=1138
-  _globals['_PRODUCESTREAMRESPONSE']._serialized_start=1140
-  _globals['_PRODUCESTREAMRESPONSE']._serialized_end=1237
-  _globals['_PRODUCESERVICE']._serialized_start=1240
-  _globals['_PRODUCESERVICE']._serialized_end=1702
+  _globals['_PRODUCEBATCHRESPONSE']._serialized_start=932
+  _globals['_PRODUCEBATCHRESPONSE']._serialized_end=1014
+  _globals['_PRODUCEBATCHFAILURE']._serialized_start=1016
+  _globals['_PRODUCEBATCHFAILURE']._serialized_end=1098
+  _globals['_PRODUCESTREAMREQUEST']._serialized_start=1100
+  _globals['_PRODUCESTREAMREQUEST']._serialized_end=1207
+  _globals['_PRODUCESTREAMRESPONSE']._serialized_start=1209
+  _globals['_PRODUCESTREAMRESPONSE']._serialized_end=1306
+  _globals['_PRODUCESERVICE']._serialized_start=1309
+  _globals['_PRODUCESERVICE']._serialized_end=1771
 # @@protoc_insertion_point(module_scope)

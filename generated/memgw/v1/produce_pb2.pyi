@@ -31,7 +31,7 @@ class ProducedMessage(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., headers: _Optional[_Mapping[str, str]] = ..., idempotency_key: _Optional[str] = ..., partition_key: _Optional[str] = ...) -> None: ...
 
 class ProduceSingleRequest(_message.Message):
-    __slots__ = ("station", "body", "headers", "idempotency_key", "partition_key")
+    __slots__ = ("station", "body", "headers", "idempotency_key", "partition_key", "producer_name")
     class HeadersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -44,12 +44,14 @@ class ProduceSingleRequest(_message.Message):
     HEADERS_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     PARTITION_KEY_FIELD_NUMBER: _ClassVar[int]
+    PRODUCER_NAME_FIELD_NUMBER: _ClassVar[int]
     station: str
     body: _httpbody_pb2.HttpBody
     headers: _containers.ScalarMap[str, str]
     idempotency_key: str
     partition_key: str
-    def __init__(self, station: _Optional[str] = ..., body: _Optional[_Union[_httpbody_pb2.HttpBody, _Mapping]] = ..., headers: _Optional[_Mapping[str, str]] = ..., idempotency_key: _Optional[str] = ..., partition_key: _Optional[str] = ...) -> None: ...
+    producer_name: str
+    def __init__(self, station: _Optional[str] = ..., body: _Optional[_Union[_httpbody_pb2.HttpBody, _Mapping]] = ..., headers: _Optional[_Mapping[str, str]] = ..., idempotency_key: _Optional[str] = ..., partition_key: _Optional[str] = ..., producer_name: _Optional[str] = ...) -> None: ...
 
 class ProduceSingleResponse(_message.Message):
     __slots__ = ("error", "success")
@@ -60,7 +62,7 @@ class ProduceSingleResponse(_message.Message):
     def __init__(self, error: _Optional[_Union[_struct_pb2.NullValue, str]] = ..., success: _Optional[bool] = ...) -> None: ...
 
 class ProduceBatchRequest(_message.Message):
-    __slots__ = ("station", "body", "headers", "messages")
+    __slots__ = ("station", "body", "headers", "messages", "producer_name")
     class HeadersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -72,11 +74,13 @@ class ProduceBatchRequest(_message.Message):
     BODY_FIELD_NUMBER: _ClassVar[int]
     HEADERS_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    PRODUCER_NAME_FIELD_NUMBER: _ClassVar[int]
     station: str
     body: _httpbody_pb2.HttpBody
     headers: _containers.ScalarMap[str, str]
     messages: _containers.RepeatedCompositeFieldContainer[ProducedMessage]
-    def __init__(self, station: _Optional[str] = ..., body: _Optional[_Union[_httpbody_pb2.HttpBody, _Mapping]] = ..., headers: _Optional[_Mapping[str, str]] = ..., messages: _Optional[_Iterable[_Union[ProducedMessage, _Mapping]]] = ...) -> None: ...
+    producer_name: str
+    def __init__(self, station: _Optional[str] = ..., body: _Optional[_Union[_httpbody_pb2.HttpBody, _Mapping]] = ..., headers: _Optional[_Mapping[str, str]] = ..., messages: _Optional[_Iterable[_Union[ProducedMessage, _Mapping]]] = ..., producer_name: _Optional[str] = ...) -> None: ...
 
 class ProduceBatchResponse(_message.Message):
     __slots__ = ("error", "success")
@@ -99,12 +103,14 @@ class ProduceBatchFailure(_message.Message):
     def __init__(self, errors: _Optional[_Iterable[str]] = ..., fail: _Optional[int] = ..., sent: _Optional[int] = ..., success: _Optional[bool] = ...) -> None: ...
 
 class ProduceStreamRequest(_message.Message):
-    __slots__ = ("station", "messages")
+    __slots__ = ("station", "messages", "producer_name")
     STATION_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    PRODUCER_NAME_FIELD_NUMBER: _ClassVar[int]
     station: str
     messages: _containers.RepeatedCompositeFieldContainer[ProducedMessage]
-    def __init__(self, station: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ProducedMessage, _Mapping]]] = ...) -> None: ...
+    producer_name: str
+    def __init__(self, station: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ProducedMessage, _Mapping]]] = ..., producer_name: _Optional[str] = ...) -> None: ...
 
 class ProduceStreamResponse(_message.Message):
     __slots__ = ("error", "success", "sent")

@@ -1,0 +1,79 @@
+"""The seam between the management servicers and the station catalog.
+
+Stations (and later schemas and dead letters) are managed in the catalog the gateway's
+control plane keeps (``gateway.embedded.catalog``), the one the Memphis SDKs see. The
+servicers see only :class:`StationCatalog`; ``gateway.management`` implements it over the
+embedded catalog and ``gateway.app`` wires it in. Against an external Memphis broker there
+is no catalog of ours: :class:`NoCatalog` answers every call with FAILED_PRECONDITION.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from gateway.core.errors import FailedPrecondition
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StationSettings:
+    """A station's settings. In a creation request, None means "Memphis's default"."""
+
+    name: str
+    partitions_number: int | None = None
+    retention_type: str | None = None
+    retention_value: int | None = None
+    storage_type: str | None = None
+    replicas: int | None = None
+    idempotency_window_ms: int | None = None
+    schema_name: str | None = None
+    dls_poison: bool | None = None
+    dls_schemaverse: bool | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PartitionState:
+    partition: int
+    messages: int
+    first_sequence: int
+    last_sequence: int
+
+
+class StationCatalog(Protocol):
+    async def create_station(self, request: StationSettings) -> tuple[StationSettings, bool]:
+        """The station's settings, and whether it was created (False: it existed with these settings).
+
+        ALREADY_EXISTS if it exists with other settings."""
+
+    async def list_stations(self) -> list[StationSettings]: ...
+
+    async def describe_station(self, name: str) -> tuple[StationSettings, list[PartitionState]]:
+        """NOT_FOUND if there is no such station."""
+
+    async def delete_station(self, name: str) -> None:
+        """NOT_FOUND if there is no such station."""
+
+
+NO_CATALOG = (
+    "station management needs the gateway's control plane: run with the embedded broker (no --broker) "
+    "or with --control-plane on a NATS JetStream server; against a Memphis broker, manage stations with Memphis"
+)
+
+
+class NoCatalog:
+    """The catalog of a gateway in front of an external Memphis broker: there is none."""
+
+    def _refuse(self) -> FailedPrecondition:
+        return FailedPrecondition(NO_CATALOG)
+
+    async def create_station(self, request: StationSettings) -> tuple[StationSettings, bool]:
+        raise self._refuse()
+
+    async def list_stations(self) -> list[StationSettings]:
+        raise self._refuse()
+
+    async def describe_station(self, name: str) -> tuple[StationSettings, list[PartitionState]]:
+        raise self._refuse()
+
+    async def delete_station(self, name: str) -> None:
+        raise self._refuse()
