@@ -5,7 +5,6 @@ GatewayError                 carries a gRPC status code (and the HTTP status der
  ├── Unauthenticated         UNAUTHENTICATED    401 (message is always "Unauthorized")
  ├── PermissionDenied        PERMISSION_DENIED  403
  ├── NotFound                NOT_FOUND          404
- ├── FailedPrecondition      FAILED_PRECONDITION 400 (not possible in this set-up)
  ├── ResourceExhausted       RESOURCE_EXHAUSTED 429 (may carry retry_after seconds)
  ├── FailedPrecondition      FAILED_PRECONDITION 400 (the call needs something this gateway lacks)
  ├── Unavailable             UNAVAILABLE        503 (the broker cannot be reached)

@@ -28,7 +28,8 @@ class FakeBroker:
         if self.passwords.get(creds.username) != creds.password:
             raise Unauthenticated("bad password")
 
-    async def produce(self, creds: Credentials, station: str, messages: Sequence[OutMessage]) -> list[str | None]:
+    async def produce(self, creds: Credentials, station: str, messages: Sequence[OutMessage],
+                      producer_name: str = "") -> list[str | None]:
         errors: list[str | None] = []
         for m in messages:
             why = self.refuse.get(m.data)
