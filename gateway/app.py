@@ -33,6 +33,7 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2
 
 from gateway.auth.guard import Guard
+from gateway.auth.throttle import LoginThrottle
 from gateway.auth.tokens import TokenService
 from gateway.broker.adapter import MemphisBroker
 from gateway.broker.natsutil import parse_servers
@@ -112,7 +113,8 @@ class Gateway:
         )
         tokens = TokenService(s.jwt_secret)
         servicers = [
-            AuthService(self.broker, tokens, s.token_expiry_min, s.refresh_token_expiry_min),
+            AuthService(self.broker, tokens, s.token_expiry_min, s.refresh_token_expiry_min,
+                        LoginThrottle(s.login_failures_per_user_per_min, s.login_failures_per_address_per_min)),
             ProduceService(self.broker, s.max_batch_messages),
             ConsumeService(self.broker, s.max_consume_batch, s.max_consume_wait_ms, s.max_body_bytes),
             MonitoringService(self.broker),

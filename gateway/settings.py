@@ -65,6 +65,12 @@ class Settings:
     max_streams_per_user: int = field(default=16, metadata={"help": "concurrent streaming calls per user"})
     rate_limit_rps: float = field(default=0.0, metadata={"help": "requests/s per user (0: off); 429 beyond"})
     rate_limit_bytes_per_s: float = field(default=0.0, metadata={"help": "request bytes/s per user (0: off)"})
+    login_failures_per_user_per_min: float = field(
+        default=10.0, metadata={"help": "failed logins a minute per username, as many in a row (0: off); 429 beyond"}
+    )
+    login_failures_per_address_per_min: float = field(
+        default=60.0, metadata={"help": "failed logins a minute per client address (0: off); 429 beyond"}
+    )
     http_keepalive_s: float = field(default=15.0, metadata={"help": "close idle HTTP connections after (s)"})
     http_send_timeout_s: float = field(
         default=30.0, metadata={"help": "abort an HTTP connection whose client reads nothing for this long (s)"}
@@ -127,7 +133,8 @@ def _validate(s: Settings) -> None:
     for port in ("http_port", "grpc_port", "broker_port"):
         if not 0 <= getattr(s, port) <= 65535:
             raise SettingsError(f"{port}: must be between 0 and 65535")
-    for name in ("rate_limit_rps", "rate_limit_bytes_per_s"):
+    for name in ("rate_limit_rps", "rate_limit_bytes_per_s", "login_failures_per_user_per_min",
+                 "login_failures_per_address_per_min"):
         if getattr(s, name) < 0:
             raise SettingsError(f"{name}: must be 0 (off) or positive")
     positive = (

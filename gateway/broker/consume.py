@@ -159,10 +159,10 @@ class Consuming:
                 "the messages will be delivered again", retry_after=RETRY_AFTER_S)
 
     async def ack(self, creds: Credentials, station: str, ack_ids: Sequence[str], nack: bool) -> int:
-        session = await self._pool.get(creds)
         subjects = [s for s in (self._ack_ids.open(ack_id, station) for ack_id in ack_ids) if s is not None]
-        if subjects:
-            await self._send_acks(session, subjects, NAK if nack else ACK)
+        async with self._pool.using(creds) as session:
+            if subjects:
+                await self._send_acks(session, subjects, NAK if nack else ACK)
         return len(subjects)
 
 
