@@ -42,7 +42,7 @@ from gateway.core.deadlines import timeout
 from gateway.core.keys import derive_key
 from gateway.embedded.catalog import Catalog
 from gateway.embedded.controlplane import ControlPlane
-from gateway.embedded.server import EmbeddedBroker
+from gateway.embedded.server import AccountLimits, EmbeddedBroker
 from gateway.pages import metrics_route, root_route
 from gateway.rpc.call import Endpoint, build_endpoints
 from gateway.rpc.contract import SERVICES
@@ -52,7 +52,7 @@ from gateway.servicers.auth import AuthService
 from gateway.servicers.consume import ConsumeService
 from gateway.servicers.monitoring import MonitoringService
 from gateway.servicers.produce import ProduceService
-from gateway.settings import Settings
+from gateway.settings import Settings, SettingsError
 from gateway.transcoding.openapi import openapi_route
 from gateway.transcoding.server import RestOptions, build_rest_handler, rest_runner
 
@@ -68,6 +68,21 @@ class Ports:
     http: int
     grpc: int
     broker_url: str
+
+
+def embedded_broker(s: Settings) -> EmbeddedBroker:
+    """The embedded broker these settings describe; SettingsError if it must not start (its
+    development password on a reachable address)."""
+    if (why := s.unsafe_embedded_password()) is not None:
+        raise SettingsError(why)
+    limits = AccountLimits(
+        max_streams=s.broker_max_streams or -1,
+        max_consumers=s.broker_max_consumers or -1,
+        max_memory_bytes=s.broker_max_memory_mb * 2**20 or -1,
+        max_store_bytes=s.broker_max_store_mb * 2**20 or -1,
+    )
+    return EmbeddedBroker(data_dir=s.data_dir, port=s.broker_port, root_user=s.root_user,
+                          root_password=s.root_password, limits=limits)
 
 
 class Gateway:
@@ -92,9 +107,7 @@ class Gateway:
         s = self.settings
         broker_url = s.broker_url
         if s.embedded:
-            self.embedded = EmbeddedBroker(
-                data_dir=s.data_dir, port=s.broker_port, root_user=s.root_user, root_password=s.root_password
-            )
+            self.embedded = embedded_broker(s)
             await self.embedded.start()
             broker_url = self.embedded.url
             log.info("broker: embedded nats-server pid %s at %s, data in %s (root user %r)",

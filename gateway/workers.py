@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 
-from gateway.embedded.server import EmbeddedBroker
+from gateway.app import embedded_broker
 from gateway.settings import ENV_PREFIX, Settings, SettingsError
 
 log = logging.getLogger("gateway.workers")
@@ -57,10 +57,7 @@ async def supervise(settings: Settings) -> int:
     embedded = None
     broker_url = settings.broker
     if settings.embedded:
-        embedded = EmbeddedBroker(
-            data_dir=settings.data_dir, port=settings.broker_port,
-            root_user=settings.root_user, root_password=settings.root_password,
-        )
+        embedded = embedded_broker(settings)
         await embedded.start()
         broker_url = embedded.url
         log.info("broker: embedded nats-server pid %s at %s, shared by %d workers", embedded.pid, broker_url,
