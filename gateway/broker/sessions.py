@@ -76,7 +76,8 @@ class Group:
     subscriptions: list[Any]  # nats-py pull subscriptions, one per partition
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     next_partition: int = 0
-    carry: list[Any] = field(default_factory=list)  # fetched, unacknowledged, not yet handed out
+    # fetched, unacknowledged, not yet handed out: (time fetched, message), oldest first
+    carry: list[tuple[float, Any]] = field(default_factory=list)
 
 
 @dataclass(slots=True, kw_only=True)
