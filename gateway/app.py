@@ -117,7 +117,9 @@ class Gateway:
         if s.answers_control_plane:
             self.service_nc = await self._connect_control_plane(broker_url)
             replicas = min(3, len(self.service_nc.servers))  # known + discovered cluster members
-            self.control_plane = ControlPlane(catalog=Catalog(kv_replicas=replicas), drain_s=CLOSE_BUDGET_S / 4)
+            catalog = Catalog(kv_replicas=replicas)
+            catalog.max_stations_per_user = s.max_stations_per_user
+            self.control_plane = ControlPlane(catalog=catalog, drain_s=CLOSE_BUDGET_S / 4)
             await self.control_plane.start(self.service_nc)
             log.info("control plane: answering Memphis's $memphis_* requests (catalog replicas: %d)", replicas)
         self.broker = MemphisBroker(

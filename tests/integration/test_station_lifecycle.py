@@ -87,3 +87,4 @@ async def test_station_recreated_by_an_sdk_while_the_gateway_produces(gw: Client
     finally:
         await nc.close()
     assert all(counts), counts
+
