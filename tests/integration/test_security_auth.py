@@ -30,9 +30,16 @@ PER_ADDRESS = 12
 
 
 @pytest.fixture(scope="module")
-async def gw(nats_server, tmp_path_factory) -> AsyncIterator[Clients]:
+async def throttled(nats_server, tmp_path_factory) -> AsyncIterator[Clients]:
     settings = settings_for(nats_server.url, tmp_path_factory.mktemp("gw"), login_failures_per_user_per_min=PER_USER,
-                            login_failures_per_address_per_min=100_000, max_streams_per_user=1)
+                            login_failures_per_address_per_min=100_000)
+    async with running_gateway(settings) as clients:
+        yield clients
+
+
+@pytest.fixture(scope="module")
+async def gw(nats_server, tmp_path_factory) -> AsyncIterator[Clients]:
+    settings = settings_for(nats_server.url, tmp_path_factory.mktemp("gw"), max_streams_per_user=1)
     async with running_gateway(settings) as clients:
         yield clients
 
@@ -58,7 +65,8 @@ async def grpc_login(gw: Clients, username: str, password: str) -> grpc.StatusCo
 # -- 1. password guessing ------------------------------------------------------------------
 
 
-async def test_password_guessing_is_throttled_per_user_and_the_user_waits_seconds(gw: Clients) -> None:
+async def test_password_guessing_is_throttled_per_user_and_the_user_waits_seconds(throttled: Clients) -> None:
+    gw = throttled
     started = time.monotonic()
     results = await asyncio.gather(*(rest_login(gw, ROOT_USER, f"guess-{i}") for i in range(3 * PER_USER)))
     took = time.monotonic() - started
@@ -80,7 +88,8 @@ async def test_password_guessing_is_throttled_per_user_and_the_user_waits_second
     assert not gw.gateway.broker._pool._connecting
 
 
-async def test_password_guessing_over_grpc_is_throttled(gw: Clients) -> None:
+async def test_password_guessing_over_grpc_is_throttled(throttled: Clients) -> None:
+    gw = throttled
     codes = Counter(await asyncio.gather(*(grpc_login(gw, "grpc-victim", f"g-{i}") for i in range(2 * PER_USER))))
     print(f"\n{2 * PER_USER} wrong gRPC logins: {dict(codes)}")
     assert codes[grpc.StatusCode.RESOURCE_EXHAUSTED] >= PER_USER - 1
@@ -133,9 +142,9 @@ async def test_user_dollar_n_is_one_identity(gw: Clients) -> None:
                                                                     account_id=9))
     assert json.loads(jwt_payload(reply.jwt))["acc"] == 1
     tokens.append(reply.jwt)
-    for first in range(10, 110, 20):  # a login is reserved a failure until it succeeds: 20 at a time
+    for first in range(10, 110, 5):  # a login is reserved as a failure until it succeeds: 5 at a time
         many = await asyncio.gather(*(rest_login(gw, f"{ROOT_USER}${n}", ROOT_PASSWORD)
-                                      for n in range(first, first + 20)))
+                                      for n in range(first, first + 5)))
         assert {s for s, _, _ in many} == {200}
     sessions = gw.gateway.broker.sessions()
     print(f"\n107 logins as {ROOT_USER}$2..{ROOT_USER}$109: {len(sessions)} broker session(s)")
