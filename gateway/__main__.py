@@ -74,6 +74,12 @@ def main(argv: list[str] | None = None) -> None:
     except config.SettingsError as exc:
         sys.exit(f"memphis-gateway: configuration error: {exc}")
     logs.configure(settings.log_level)
+    for flag in config.secrets_given_as_flags(args):
+        log.warning("%s on the command line is visible to every user of this machine (ps, /proc): use %s-file "
+                    "or the environment variable MEMPHIS_GATEWAY_%s_FILE instead", flag, flag,
+                    flag[2:].replace("-", "_").upper())
+    if (why := settings.unsafe_embedded_password()) is not None:
+        sys.exit(f"memphis-gateway: refusing to start: {why}")
     settings, generated = settings.with_generated_secret()
     if generated:
         log.warning(

@@ -35,6 +35,7 @@ from grpc_health.v1 import health, health_pb2
 
 from gateway.auth.directory import Directory, UserRecord
 from gateway.auth.guard import Guard
+from gateway.auth.throttle import LoginThrottle
 from gateway.auth.tokens import TokenService
 from gateway.broker.adapter import MemphisBroker
 from gateway.broker.natsutil import parse_servers
@@ -44,7 +45,7 @@ from gateway.core.keys import derive_key
 from gateway.embedded.catalog import Catalog
 from gateway.embedded.controlplane import ControlPlane
 from gateway.embedded.permissions import user_permissions
-from gateway.embedded.server import EmbeddedBroker
+from gateway.embedded.server import AccountLimits, EmbeddedBroker
 from gateway.management import management_servicers
 from gateway.pages import metrics_route, root_route
 from gateway.rpc.call import Endpoint, build_endpoints
@@ -57,7 +58,7 @@ from gateway.servicers.auth import AuthService
 from gateway.servicers.consume import ConsumeService
 from gateway.servicers.monitoring import MonitoringService
 from gateway.servicers.produce import ProduceService
-from gateway.settings import Settings, worker_group
+from gateway.settings import Settings, SettingsError, worker_group
 from gateway.transcoding.openapi import openapi_route
 from gateway.transcoding.server import RestOptions, build_rest_handler, rest_runner
 
@@ -87,6 +88,21 @@ def users_applier(embedded: EmbeddedBroker) -> Callable[[list[UserRecord]], Awai
     return apply
 
 
+def embedded_broker(s: Settings) -> EmbeddedBroker:
+    """The embedded broker these settings describe; SettingsError if it must not start (its
+    development password on a reachable address)."""
+    if (why := s.unsafe_embedded_password()) is not None:
+        raise SettingsError(why)
+    limits = AccountLimits(
+        max_streams=s.broker_max_streams or -1,
+        max_consumers=s.broker_max_consumers or -1,
+        max_memory_bytes=s.broker_max_memory_mb * 2**20 or -1,
+        max_store_bytes=s.broker_max_store_mb * 2**20 or -1,
+    )
+    return EmbeddedBroker(data_dir=s.data_dir, port=s.broker_port, root_user=s.root_user,
+                          root_password=s.root_password, limits=limits)
+
+
 class Gateway:
     def __init__(self, settings: Settings) -> None:
         if not settings.jwt_secret:
@@ -111,9 +127,7 @@ class Gateway:
         s = self.settings
         broker_url = s.broker_url
         if s.embedded:
-            self.embedded = EmbeddedBroker(
-                data_dir=s.data_dir, port=s.broker_port, root_user=s.root_user, root_password=s.root_password
-            )
+            self.embedded = embedded_broker(s)
             await self.embedded.start()
             broker_url = self.embedded.url
             log.info("broker: embedded nats-server pid %s at %s, data in %s (root user %r)",
@@ -128,7 +142,9 @@ class Gateway:
             await self.metrics_share.start()
         if s.answers_control_plane:
             replicas = min(3, len(self.service_nc.servers))  # known + discovered cluster members
-            self.control_plane = ControlPlane(catalog=Catalog(kv_replicas=replicas), drain_s=CLOSE_BUDGET_S / 4)
+            catalog = Catalog(kv_replicas=replicas)
+            catalog.max_stations_per_user = s.max_stations_per_user
+            self.control_plane = ControlPlane(catalog=catalog, drain_s=CLOSE_BUDGET_S / 4)
             await self.control_plane.start(self.service_nc)
             log.info("control plane: answering Memphis's $memphis_* requests (catalog replicas: %d)", replicas)
         self.broker = MemphisBroker(
@@ -143,7 +159,8 @@ class Gateway:
             await self.directory.open(self.service_nc, replicas=min(3, len(self.service_nc.servers)))
             await self.directory.sync_broker()
         servicers = [
-            AuthService(self.broker, tokens, s.token_expiry_min, s.refresh_token_expiry_min),
+            AuthService(self.broker, tokens, s.token_expiry_min, s.refresh_token_expiry_min,
+                        LoginThrottle(s.login_failures_per_user_per_min, s.login_failures_per_address_per_min)),
             ProduceService(self.broker, s.max_batch_messages),
             ConsumeService(self.broker, s.max_consume_batch, s.max_consume_wait_ms, s.max_body_bytes),
             MonitoringService(self.broker),

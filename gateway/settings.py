@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
 import secrets
 from collections.abc import Mapping, Sequence
@@ -19,6 +20,8 @@ from typing import Any
 
 ENV_PREFIX = "MEMPHIS_GATEWAY_"
 WORKER_GROUP_ENV = ENV_PREFIX + "WORKER_GROUP"  # set by the --workers supervisor in its children
+FILE_SUFFIX = "_FILE"  # MEMPHIS_GATEWAY_ROOT_PASSWORD_FILE / --root-password-file: a secret read from a file
+DEV_ROOT_PASSWORD = "memphis"
 
 
 class SettingsError(ValueError):
@@ -47,7 +50,23 @@ class Settings:
     data_dir: Path = field(default=Path("data"), metadata={"help": "embedded broker's storage directory"})
     root_user: str = field(default="root", metadata={"help": "broker root user (embedded broker / control plane)"})
     root_password: str = field(
-        default="memphis", metadata={"help": "broker root password (development default: memphis)", "secret": True}
+        default=DEV_ROOT_PASSWORD,
+        metadata={"help": "broker root password (development default: memphis, loopback only)", "secret": True},
+    )
+    broker_max_streams: int = field(
+        default=10_000, metadata={"help": "embedded broker: JetStream streams of the account (0: unlimited)"}
+    )
+    broker_max_consumers: int = field(
+        default=100_000, metadata={"help": "embedded broker: JetStream consumers of the account (0: unlimited)"}
+    )
+    broker_max_memory_mb: int = field(
+        default=1024, metadata={"help": "embedded broker: JetStream memory of the account, MiB (0: unlimited)"}
+    )
+    broker_max_store_mb: int = field(
+        default=0, metadata={"help": "embedded broker: JetStream file storage of the account, MiB (0: unlimited)"}
+    )
+    max_stations_per_user: int = field(
+        default=1000, metadata={"help": "stations one user may create by producing (0: off); 429 beyond"}
     )
     broker_timeout_s: float = field(default=5.0, metadata={"help": "deadline of one broker operation (s)"})
     session_idle_s: float = field(default=300.0, metadata={"help": "close a user's broker connection unused this long"})
@@ -68,6 +87,12 @@ class Settings:
     max_streams_per_user: int = field(default=16, metadata={"help": "concurrent streaming calls per user"})
     rate_limit_rps: float = field(default=0.0, metadata={"help": "requests/s per user (0: off); 429 beyond"})
     rate_limit_bytes_per_s: float = field(default=0.0, metadata={"help": "request bytes/s per user (0: off)"})
+    login_failures_per_user_per_min: float = field(
+        default=10.0, metadata={"help": "failed logins a minute per username, as many in a row (0: off); 429 beyond"}
+    )
+    login_failures_per_address_per_min: float = field(
+        default=60.0, metadata={"help": "failed logins a minute per client address (0: off); 429 beyond"}
+    )
     http_keepalive_s: float = field(default=15.0, metadata={"help": "close idle HTTP connections after (s)"})
     http_send_timeout_s: float = field(
         default=30.0, metadata={"help": "abort an HTTP connection whose client reads nothing for this long (s)"}
@@ -91,6 +116,18 @@ class Settings:
     def answers_control_plane(self) -> bool:
         return self.embedded or self.control_plane
 
+    def unsafe_embedded_password(self) -> str | None:
+        """Why the embedded broker must not start with these settings (None: it may): its
+        development password on a listener other clients can reach."""
+        if not self.embedded or self.root_password != DEV_ROOT_PASSWORD or is_loopback(self.host):
+            return None
+        return (
+            f"the embedded broker's root password is the development default {DEV_ROOT_PASSWORD!r} while the "
+            f"gateway listens on {self.host!r}, which other machines can reach: set a password with "
+            "MEMPHIS_GATEWAY_ROOT_PASSWORD_FILE (a file holding it) or MEMPHIS_GATEWAY_ROOT_PASSWORD "
+            "(or --root-password-file), or listen on 127.0.0.1"
+        )
+
     def redacted(self) -> dict[str, Any]:
         """The settings as a dict with secrets masked, for logs."""
         return {
@@ -107,6 +144,30 @@ class Settings:
 def worker_group() -> str:
     """The id shared by the workers of one ``--workers`` supervisor ("" outside one)."""
     return os.environ.get(WORKER_GROUP_ENV, "")
+def is_loopback(host: str) -> bool:
+    """``host`` is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # another host name: it may resolve to anything
+
+
+def secret_fields() -> list[str]:
+    return [f.name for f in fields(Settings) if f.metadata.get("secret")]
+
+
+def read_secret_file(name: str, path: str) -> str:
+    """The secret in ``path``, without its trailing newline."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"{name}: cannot read the secret file {path!r}: {exc}") from None
+    secret = text.rstrip("\r\n")
+    if not secret:
+        raise SettingsError(f"{name}: the secret file {path!r} is empty")
+    return secret
 
 
 def _convert(name: str, kind: Any, raw: str) -> Any:
@@ -137,7 +198,9 @@ def _validate(s: Settings) -> None:
     for port in ("http_port", "grpc_port", "broker_port"):
         if not 0 <= getattr(s, port) <= 65535:
             raise SettingsError(f"{port}: must be between 0 and 65535")
-    for name in ("rate_limit_rps", "rate_limit_bytes_per_s"):
+    for name in ("rate_limit_rps", "rate_limit_bytes_per_s", "login_failures_per_user_per_min",
+                 "login_failures_per_address_per_min", "broker_max_streams", "broker_max_consumers",
+                 "broker_max_memory_mb", "broker_max_store_mb", "max_stations_per_user"):
         if getattr(s, name) < 0:
             raise SettingsError(f"{name}: must be 0 (off) or positive")
     positive = (
@@ -157,12 +220,24 @@ def _validate(s: Settings) -> None:
 def load(environ: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:
     """Defaults, then the environment, then ``overrides`` (parsed CLI flags)."""
     environ = os.environ if environ is None else environ
+    overrides = dict(overrides or {})
     values: dict[str, Any] = {}
     for f in fields(Settings):
         env_name = ENV_PREFIX + f.name.upper()
         if env_name in environ:
             values[f.name] = _convert(env_name, f.type, environ[env_name])
-    for name, value in (overrides or {}).items():
+    for name in secret_fields():  # a secret may come from a file (its path is all `ps` or the environment show)
+        env_name, flag = ENV_PREFIX + name.upper(), "--" + name.replace("_", "-")
+        env_file, flag_file = environ.get(env_name + FILE_SUFFIX), overrides.pop(name + "_file", None)
+        if env_file is not None:
+            if env_name in environ:
+                raise SettingsError(f"{env_name} and {env_name}{FILE_SUFFIX}: set one of them")
+            values[name] = read_secret_file(env_name + FILE_SUFFIX, env_file)
+        if flag_file is not None:
+            if overrides.get(name) is not None:
+                raise SettingsError(f"{flag} and {flag}-file: give one of them")
+            values[name] = read_secret_file(f"{flag}-file", flag_file)
+    for name, value in overrides.items():
         if value is not None:
             kind = next(f.type for f in fields(Settings) if f.name == name)
             values[name] = _convert(f"--{name.replace('_', '-')}", kind, value) if isinstance(value, str) else value
@@ -182,10 +257,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text)
+        if f.metadata.get("secret"):
+            parser.add_argument(
+                flag + "-file", dest=f.name + "_file", default=None, metavar="PATH",
+                help=f"a file holding {f.name} (trailing newline stripped; prefer it to {flag}, which `ps` shows) "
+                f"[env {ENV_PREFIX}{f.name.upper()}{FILE_SUFFIX}]",
+            )
+
+
+def secrets_given_as_flags(args: argparse.Namespace) -> list[str]:
+    """The secret settings given on the command line in clear (every user of the machine sees them)."""
+    return ["--" + name.replace("_", "-") for name in secret_fields() if getattr(args, name, None) is not None]
 
 
 def from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
-    names = {f.name for f in fields(Settings)}
+    names = {f.name for f in fields(Settings)} | {name + "_file" for name in secret_fields()}
     return load(environ, {k: v for k, v in vars(args).items() if k in names})
 
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import nats
 
-from gateway.app import users_applier
+from gateway.app import embedded_broker, users_applier
 from gateway.auth.directory import Directory
 from gateway.auth.tokens import TokenService
 from gateway.embedded.server import EmbeddedBroker
@@ -90,10 +90,7 @@ async def supervise(settings: Settings) -> int:
     embedded = None
     broker_url = settings.broker
     if settings.embedded:
-        embedded = EmbeddedBroker(
-            data_dir=settings.data_dir, port=settings.broker_port,
-            root_user=settings.root_user, root_password=settings.root_password,
-        )
+        embedded = embedded_broker(settings)
         await embedded.start()
         broker_url = embedded.url
         log.info("broker: embedded nats-server pid %s at %s, shared by %d workers", embedded.pid, broker_url,

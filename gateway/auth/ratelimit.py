@@ -37,6 +37,12 @@ class TokenBuckets:
             return 0.0
         return (amount - bucket.tokens) / self.rate
 
+    def give(self, key: str, amount: float = 1.0) -> None:
+        """Return ``amount`` taken earlier (a reservation that was not needed)."""
+        bucket = self._buckets.get(key)
+        if bucket is not None:
+            bucket.tokens = min(self.burst, bucket.tokens + amount)
+
     def _evict(self, now: float) -> None:
         """Drop buckets that have refilled completely (they hold no information)."""
         full = [k for k, b in self._buckets.items() if b.tokens + (now - b.stamp) * self.rate >= self.burst]

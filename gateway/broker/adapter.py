@@ -40,8 +40,8 @@ class MemphisBroker:
         self.fetch = self._consuming.fetch
         self.ack = self._consuming.ack
 
-    async def open_session(self, creds: Credentials) -> None:
-        await self._pool.get(creds)
+    async def open_session(self, creds: Credentials) -> Credentials:
+        return await self._pool.open(creds)
 
     def subscribe(self, creds: Credentials, spec: ConsumerSpec, batch_size: int) -> AsyncIterator[list[InMessage]]:
         return self._consuming.subscribe(creds, spec, batch_size)
@@ -78,9 +78,9 @@ class MemphisBroker:
         return f"broker unavailable: {', '.join(reasons)}"
 
     async def storage_bytes(self, creds: Credentials) -> int:
-        session = await self._pool.get(creds)
-        try:
-            info = await session.js.account_info()
-        except Exception as exc:
-            raise Unavailable(f"broker unavailable: {type(exc).__name__}") from None
+        async with self._pool.using(creds) as session:
+            try:
+                info = await session.js.account_info()
+            except Exception as exc:
+                raise Unavailable(f"broker unavailable: {type(exc).__name__}") from None
         return int(info.storage)

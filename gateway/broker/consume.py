@@ -9,6 +9,7 @@ group's carry for the next call.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -26,9 +27,11 @@ from gateway.core.errors import Unavailable
 from gateway.core.identity import Credentials
 from gateway.core.names import internal_name
 
+log = logging.getLogger("gateway.broker")
 SUBSCRIBE_POLL_S = 1.0
 HIDDEN_HEADERS = ("$memphis", "Nats-Msg-Id", "msg-id")
 ACK, NAK = b"+ACK", b"-NAK"
+CARRY_AGE_SHARE = 0.8  # carried messages are handed out within this share of the group's ack wait
 MESSAGE_OVERHEAD = 64  # bytes an answer adds per message beyond its data and headers (framing, JSON)
 
 
@@ -57,12 +60,16 @@ class Consuming:
             except TimeoutError:
                 return []
             try:
-                msgs = group.carry[:batch_size]  # fetched earlier, beyond what an answer could hold
-                del group.carry[:batch_size]
+                carried = take_carried(group, batch_size, time.monotonic())  # beyond what an answer held
+                msgs = [msg for _, msg in carried]
                 if len(msgs) < batch_size:
                     wait = deadline - time.monotonic() if not msgs else 0.01
-                    msgs += await self._fetch(session, group, batch_size - len(msgs), wait)
-                msgs, group.carry[:0] = _fit(msgs, spec.max_bytes)
+                    fetched = await self._fetch(session, group, batch_size - len(msgs), wait)
+                    now = time.monotonic()
+                    carried += [(now, msg) for msg in fetched]
+                    msgs += fetched
+                msgs, _ = _fit(msgs, spec.max_bytes)
+                group.carry[:0] = carried[len(msgs):]  # each with the time it was fetched
             finally:
                 group.lock.release()
             return await self._hand_out(session, msgs, spec.explicit_ack, spec.include_metadata)
@@ -172,10 +179,10 @@ class Consuming:
                 "the messages will be delivered again", retry_after=RETRY_AFTER_S)
 
     async def ack(self, creds: Credentials, station: str, ack_ids: Sequence[str], nack: bool) -> int:
-        session = await self._pool.get(creds)
         subjects = [s for s in (self._ack_ids.open(ack_id, station) for ack_id in ack_ids) if s is not None]
-        if subjects:
-            await self._send_acks(session, subjects, NAK if nack else ACK)
+        async with self._pool.using(creds) as session:
+            if subjects:
+                await self._send_acks(session, subjects, NAK if nack else ACK)
         return len(subjects)
 
 
@@ -196,6 +203,24 @@ def position(msg: Any) -> dict[str, int]:
         "timestamp_ns": int(meta.timestamp.timestamp() * 1_000_000) * 1000 if meta.timestamp else 0,
         "deliveries": int(meta.num_delivered),
     }
+
+
+def take_carried(group: Group, n: int, now: float) -> list[tuple[float, Any]]:
+    """Up to ``n`` carried messages (with their fetch times), oldest first. Those carried longer
+    than the group's ack wait less a margin are dropped, not acknowledged: the broker delivers
+    them again once their ack wait ends, and handing them out as well would duplicate them."""
+    ack_wait_s = (getattr(group.consumer, "max_ack_time_ms", 0) or 30_000) / 1000
+    oldest = now - ack_wait_s * CARRY_AGE_SHARE
+    stale = 0
+    while stale < len(group.carry) and group.carry[stale][0] < oldest:
+        stale += 1
+    if stale:
+        del group.carry[:stale]
+        log.info("dropped %d carried messages older than %.1f s (they will be delivered again)", stale,
+                 ack_wait_s * CARRY_AGE_SHARE)
+    taken = group.carry[:n]
+    del group.carry[:n]
+    return taken
 
 
 def _fit(msgs: list[Any], max_bytes: int) -> tuple[list[Any], list[Any]]:

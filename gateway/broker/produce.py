@@ -118,6 +118,8 @@ class Producing:
         for i, error in zip(positions, results, strict=True):
             if error is not None:
                 if error.retryable:  # the client retries the whole call (idempotency keys make that safe)
+                    if session.routes.get(key) is route:  # the station may be gone or re-made: a new route next
+                        session.routes.pop(key, None)
                     raise Unavailable(f"broker unavailable: {error.text}", retry_after=RETRY_AFTER_S)
                 errors[i] = error.text
         return errors

@@ -32,7 +32,7 @@ from memphis.station import Station
 
 from gateway.broker.natsutil import RETRY_AFTER_S
 from gateway.core.deadlines import timeout
-from gateway.core.errors import InvalidArgument, Unavailable
+from gateway.core.errors import InvalidArgument, ResourceExhausted, Unavailable
 
 _UNREACHABLE_WORDS = ("timeout", "no responders", "connection")
 
@@ -48,6 +48,8 @@ async def sdk_call(call: Any, seconds: float) -> Any:
         text = str(exc)
         if any(word in text.lower() for word in _UNREACHABLE_WORDS):
             raise Unavailable(f"broker unavailable: {text}", retry_after=RETRY_AFTER_S) from None
+        if "station quota reached" in text:  # the control plane's (gateway.embedded.catalog)
+            raise ResourceExhausted(text.removeprefix("memphis: ")) from None
         raise InvalidArgument(text) from None
 
 

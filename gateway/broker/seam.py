@@ -55,8 +55,9 @@ class ConsumerSpec:
 
 
 class Broker(Protocol):
-    async def open_session(self, creds: Credentials) -> None:
-        """Connect as this user (proving the credentials) and keep the connection."""
+    async def open_session(self, creds: Credentials) -> Credentials:
+        """Connect as this user (proving the credentials) and keep the connection; answer the
+        credentials as the broker accepted them (tokens name that identity)."""
 
     async def produce(
         self, creds: Credentials, station: str, messages: Sequence[OutMessage], producer_name: str = ""

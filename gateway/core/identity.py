@@ -1,13 +1,20 @@
 """Who calls: a broker user's credentials, and the authenticated principal of a call.
 
-One identity everywhere: :attr:`Credentials.identity` (``user$account``) keys the caller's
-rate limits, stream quota and broker session alike, so a user is one user whatever else
-differs between their tokens.
+One identity everywhere: :attr:`Credentials.identity` keys the caller's rate limits, stream
+quota and broker session alike, so a user is one user whatever else differs between their
+tokens. It names the user *the broker accepted*: tokens are issued for the credentials as the
+broker took them (``gateway.broker.sessions.SessionPool.get`` normalises the account of a user
+memphis-py let in under the bare name), so ``root$2`` ... ``root$7`` are all ``root$1`` on a
+broker that only knows ``root``; a connection token is its own identity, whatever username
+comes with it.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+
+MAX_ACCOUNT_ID = 2**31 - 1  # account ids are int32 on the broker side
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -21,7 +28,11 @@ class Credentials:
 
     @property
     def identity(self) -> str:
-        """The broker user this is (``<user>$<account id>``, as memphis-py names it on the wire)."""
+        """The broker user this is: ``<user>$<account id>`` as memphis-py names it on the wire, or
+        for a connection token (the broker knows the token, not the name sent with it) a digest
+        of the token."""
+        if self.connection_token:
+            return "token:" + hashlib.sha256(self.connection_token.encode()).hexdigest()[:32]
         return f"{self.username}${self.account_id}"
 
 

@@ -28,7 +28,7 @@ import contextlib
 import json
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from typing import Any
@@ -75,6 +75,10 @@ class Catalog:
         self._reconnects = 0  # invalidations may have been missed while disconnected
         self._verified: set[str] = set()  # stations whose streams this process has ensured
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # who created each station (kept from the bucket's updates, every replica's): the station quota
+        self.max_stations_per_user = 0  # 0: no quota
+        self._creators: dict[str, str] = {}
+        self._per_creator: Counter[str] = Counter()
 
     async def open(self, nc: Client) -> None:
         js = nc.jetstream()
@@ -87,6 +91,41 @@ class Catalog:
                     kvs.append(await js.create_key_value(bucket=bucket, history=1, replicas=self._kv_replicas))
             self._subs = [await nc.subscribe(f"$KV.{bucket}.>", cb=self._invalidate) for bucket in self._buckets]
         self._nc, self._kvs, self._reconnects = nc, (kvs[0], kvs[1]), nc.stats["reconnects"]
+        if self.max_stations_per_user:
+            await self._load_creators()
+
+    async def _load_creators(self) -> None:
+        """Who created each station, read once from the bucket (then kept by ``_invalidate``)."""
+        with broker_errors():
+            watcher = await self._stations.watchall()
+            try:
+                while (entry := await watcher.updates(timeout=10.0)) is not None:  # type: ignore[no-untyped-call]
+                    if entry.operation is None and entry.value:
+                        self._count_creator(entry.key, entry.value)
+            finally:
+                await watcher.stop()  # type: ignore[no-untyped-call]
+
+    def _count_creator(self, key: str, value: bytes | None) -> None:
+        """Station ``key`` now holds ``value`` (None/empty: deleted): the per-user counts follow."""
+        old = self._creators.pop(key, None)
+        if old is not None:
+            self._per_creator[old] -= 1
+        if value:
+            try:
+                creator = str(json.loads(value).get("created_by") or "")
+            except (ValueError, AttributeError):
+                creator = ""
+            self._creators[key] = creator
+            self._per_creator[creator] += 1
+
+    def check_station_quota(self, username: str) -> None:
+        """ResourceExhausted if ``username`` created as many stations as the quota allows."""
+        if self.max_stations_per_user and username and self._per_creator[username] >= self.max_stations_per_user:
+            raise GatewayError(
+                f"station quota reached: {username} created {self._per_creator[username]} stations, the most "
+                f"one user may (max_stations_per_user = {self.max_stations_per_user}); destroy unused stations",
+                code=grpc.StatusCode.RESOURCE_EXHAUSTED,
+            )
 
     async def close(self) -> None:
         subs, self._subs, self._kvs, self._cache = self._subs, [], None, {}
@@ -98,7 +137,10 @@ class Catalog:
         self._generation += 1
         prefix = f"$KV.{self._buckets[0]}."
         if msg.subject.startswith(prefix):
-            self._cache.pop(msg.subject[len(prefix) :], None)
+            key = msg.subject[len(prefix) :]
+            self._cache.pop(key, None)
+            if self.max_stations_per_user:
+                self._count_creator(key, msg.data)
         else:
             self._cache.clear()  # a schema changed, and stations embed their schema
 
@@ -196,13 +238,17 @@ class Catalog:
     async def create_station(self, spec: StationSpec) -> StationInfo:
         """Create the station and its streams; ``AlreadyExists`` if it exists."""
         spec = spec.normalized()
+        self.check_station_quota(spec.created_by)
         if spec.schema_name and await self.schema_info(spec.schema_name) is None:
             raise NotFound(f"Schema {spec.schema_name} does not exist")
         key = kv_key(spec.name)
         async with self._locks[key]:
             with broker_errors():
                 try:
-                    await self._stations.create(key, dump(asdict(spec) | {"created_at": time.time()}))
+                    value = dump(asdict(spec) | {"created_at": time.time()})
+                    await self._stations.create(key, value)
+                    if self.max_stations_per_user:
+                        self._count_creator(key, value)  # at once: the bucket's update comes later
                 except KeyWrongLastSequenceError:
                     entry = await self._get(self._stations, key)
                     if entry is not None and key not in self._verified:
@@ -217,12 +263,12 @@ class Catalog:
         log.info("created station %s (%d partitions)", spec.name, spec.partitions_number)
         return await self._info(spec)
 
-    async def ensure_station(self, name: str) -> StationInfo:
+    async def ensure_station(self, name: str, created_by: str = "") -> StationInfo:
         """The station, created with the defaults (1 partition, 3600 s, file) if missing."""
         info = await self.station_info(name)
         if info is None:
             try:
-                info = await self.create_station(StationSpec(name=name))
+                info = await self.create_station(StationSpec(name=name, created_by=created_by))
             except AlreadyExists:
                 info = await self.station_info(name)
         if info is None:
@@ -282,13 +328,13 @@ class Catalog:
 
     # Consumer groups
 
-    async def ensure_consumer_group(self, station: str, group: GroupSpec) -> StationInfo:
+    async def ensure_consumer_group(self, station: str, group: GroupSpec, created_by: str = "") -> StationInfo:
         """Create the group's durable on every partition stream if missing (the station too).
 
         An existing durable is kept as it is: its position is the group's position.
         """
         check_name(group.name, "consumer group")
-        info = await self.ensure_station(station)
+        info = await self.ensure_station(station, created_by)
         durable = internal_name(group.name)
         with broker_errors():
             for partition in info.partitions:

@@ -166,7 +166,7 @@ class ControlPlane:
         _name(req, "name", "producer")
         station = _str(req, "station_name")
         if _int(req, "req_version", 1) >= 2:  # the Memphis server creates missing stations since v2
-            info = await self.catalog.ensure_station(station)
+            info = await self.catalog.ensure_station(station, _str(req, "username", ""))
         elif (found := await self.catalog.station_info(station)) is not None:
             info = found
         else:
@@ -206,7 +206,7 @@ class ControlPlane:
             raise InvalidArgument(
                 "Consumer creation options can't contain both start_consume_from_sequence and last_messages"
             )
-        info = await self.catalog.ensure_consumer_group(station, group)
+        info = await self.catalog.ensure_consumer_group(station, group, _str(req, "username", ""))
         return _json(
             {
                 "error": "",

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BrokerError", "ClusterSettings", "EmbeddedBroker", "find_nats_server"]
+__all__ = ["AccountLimits", "BrokerError", "ClusterSettings", "EmbeddedBroker", "find_nats_server"]
 
 HOST = "127.0.0.1"
 MAX_PAYLOAD = 8 * 1024 * 1024
@@ -94,6 +94,25 @@ class ClusterSettings:
         }
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AccountLimits:
+    """JetStream limits of the Memphis account: whatever clients do (the gateway, any SDK client
+    creating stations), the broker stays bounded. -1: unlimited."""
+
+    max_streams: int = -1
+    max_consumers: int = -1
+    max_memory_bytes: int = -1
+    max_store_bytes: int = -1
+
+    def config(self) -> dict[str, int]:
+        return {
+            "max_streams": self.max_streams,
+            "max_consumers": self.max_consumers,
+            "max_mem": self.max_memory_bytes,
+            "max_file": self.max_store_bytes,
+        }
+
+
 @dataclass(slots=True, kw_only=True, eq=False)
 class EmbeddedBroker:
     """A nats-server child process with JetStream, for one data directory."""
@@ -110,6 +129,7 @@ class EmbeddedBroker:
     binary: str | None = None  # default: find_nats_server()
     server_name: str = "memphis-gateway-embedded"  # unique per node in a cluster
     cluster: ClusterSettings | None = None
+    limits: AccountLimits | None = None  # JetStream limits of the Memphis account (None: unlimited)
     start_timeout: float = 15.0
     stop_timeout: float = 10.0
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
@@ -160,7 +180,9 @@ class EmbeddedBroker:
             "port": self.port if self.port > 0 else -1,
             "max_payload": MAX_PAYLOAD,
             "jetstream": {"store_dir": str(data_dir)},  # the server adds "/jetstream"
-            "accounts": {"MEMPHIS": {"jetstream": "enabled", "users": users}},
+            "accounts": {
+                "MEMPHIS": {"jetstream": self.limits.config() if self.limits else "enabled", "users": users}
+            },
         }
         if self.cluster is not None:
             conf["cluster"] = self.cluster.config()
@@ -202,15 +224,16 @@ class EmbeddedBroker:
     def _write_config(self) -> None:
         # written aside and renamed: a reload never reads a half-written file
         tmp = self.config_path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds passwords and hashes
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with _private(tmp, "w") as f:  # it holds passwords and hashes
             json.dump(self.config(), f, indent=2)
         os.replace(tmp, self.config_path)
 
     def _spawn(self, binary: str) -> None:
-        Path(self.data_dir).mkdir(parents=True, exist_ok=True)
+        data_dir = Path(self.data_dir)
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        data_dir.chmod(0o700)  # on every start: a directory made before (or by hand) may be 0755
         self._write_config()
-        with open(self.log_path, "wb") as log:
+        with _private(self.log_path, "wb") as log:
             try:
                 # Own session: a Ctrl-C in the terminal reaches the gateway, which drains and
                 # then stops the broker, instead of killing the broker under it.
@@ -224,7 +247,8 @@ class EmbeddedBroker:
             except OSError as err:
                 raise BrokerError(f"cannot run nats-server {binary!r}: {err}") from err
         _running.add(self._proc)
-        self.owner_path.write_text(json.dumps([os.getpid(), self._proc.pid]))
+        with _private(self.owner_path, "w") as f:
+            f.write(json.dumps([os.getpid(), self._proc.pid]))
 
     def _stop_orphan(self) -> None:
         """Stop the nats-server that a process which died without stopping it (SIGKILL, a crash)
@@ -312,6 +336,14 @@ class EmbeddedBroker:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(wait_s)
         _kill(proc)
+
+
+def _private(path: Path, mode: str) -> Any:
+    """``path`` opened for writing (truncated), readable by its owner only, even if it existed
+    with wider permissions (``os.open``'s mode applies only to a file it creates)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "wb") if mode == "wb" else os.fdopen(fd, "w", encoding="utf-8")
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:

@@ -114,16 +114,22 @@ class ProduceService:
         sent = 0
         failures: list[produce_pb2.ProduceBatchFailure] = []
 
-        def collect(task: asyncio.Task[int]) -> None:
+        def collect(done: set[asyncio.Task[int]]) -> None:
+            """Count finished frames; every task's outcome is read (none left unretrieved), then
+            the first unexpected error is raised."""
             nonlocal sent
-            exc = task.exception()
-            if isinstance(exc, InvalidArgument) and isinstance(exc.detail, produce_pb2.ProduceBatchFailure):
-                failures.append(exc.detail)
-                sent += exc.detail.sent
-            elif exc is not None:
-                raise exc
-            else:
-                sent += task.result()
+            first: BaseException | None = None
+            for task in done:
+                exc = task.exception() if not task.cancelled() else asyncio.CancelledError()
+                if isinstance(exc, InvalidArgument) and isinstance(exc.detail, produce_pb2.ProduceBatchFailure):
+                    failures.append(exc.detail)
+                    sent += exc.detail.sent
+                elif exc is not None:
+                    first = first or exc
+                else:
+                    sent += task.result()
+            if first is not None:
+                raise first
 
         try:
             async for frame in requests:
@@ -132,19 +138,21 @@ class ProduceService:
                 messages = proto_messages(frame.messages, EMPTY)
                 if len(in_flight) >= STREAM_FRAMES_IN_FLIGHT:
                     done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-                    for task in done:
-                        collect(task)
+                    collect(done)
                 producer = producer_name(frame.producer_name)
                 task = asyncio.create_task(self._produce_all(ctx, station, messages, producer))
                 in_flight.add(task)
             if in_flight:
                 await asyncio.wait(in_flight)
             done, in_flight = in_flight, set()
-            for task in done:
-                collect(task)
+            collect(done)
         finally:
+            # a failure (or the client going away) ends the call: frames still in flight are
+            # cancelled and awaited, so none outlives it and no exception is left unretrieved
             for task in in_flight:
                 task.cancel()
+            if in_flight:
+                await asyncio.gather(*in_flight, return_exceptions=True)
         errors = [e for f in failures for e in f.errors]
         if failures:
             raise InvalidArgument(

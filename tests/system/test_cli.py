@@ -59,3 +59,18 @@ def test_embedded_serve_produces_consumes_and_stops_cleanly(tmp_path: Path) -> N
     log = proc.stderr.read() if proc.stderr else ""
     assert "embedded nats-server" in log
     assert token not in log
+
+
+def test_embedded_broker_with_the_development_password_refused_off_loopback(tmp_path: Path) -> None:
+    """Nothing is bound: the check runs before any listener or broker starts."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMPHIS_GATEWAY_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--host", "0.0.0.0", "--root-password", "memphis",
+         "--data-dir", str(tmp_path / "data")],
+        capture_output=True, text=True, env=env, timeout=30,
+    )
+    print(f"\n--host 0.0.0.0 with the development password: exit {proc.returncode}: {proc.stderr.strip()[-300:]}")
+    assert proc.returncode != 0
+    assert "MEMPHIS_GATEWAY_ROOT_PASSWORD_FILE" in proc.stderr and "refusing to start" in proc.stderr
+    assert "--root-password on the command line is visible" in proc.stderr  # the flag warning, before it
+    assert not (tmp_path / "data").exists()  # no broker was started
