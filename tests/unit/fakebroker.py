@@ -24,9 +24,10 @@ class FakeBroker:
     acked: list[tuple[str, tuple[str, ...], bool]] = field(default_factory=list)
     down: str | None = None
 
-    async def open_session(self, creds: Credentials) -> None:
+    async def open_session(self, creds: Credentials) -> Credentials:
         if self.passwords.get(creds.username) != creds.password:
             raise Unauthenticated("bad password")
+        return creds
 
     async def produce(self, creds: Credentials, station: str, messages: Sequence[OutMessage],
                       producer_name: str = "") -> list[str | None]:

@@ -22,7 +22,8 @@ class FakeBroker:
         self.running = 0
         self.finished: list[str] = []
 
-    async def produce(self, creds: Credentials, station: str, messages: Sequence[OutMessage]) -> list[str | None]:
+    async def produce(self, creds: Credentials, station: str, messages: Sequence[OutMessage],
+                      producer_name: str = "") -> list[str | None]:
         self.running += 1
         try:
             if station.startswith("fail"):
@@ -44,7 +45,8 @@ async def test_a_failing_frame_leaves_no_task_running_and_no_exception_unretriev
     broker = FakeBroker()
     service = ProduceService(broker, 100)  # type: ignore[arg-type]
     ctx = CallContext(protocol="grpc", metadata={},
-                      principal=Principal(credentials=Credentials(username="u", account_id=1, password="p")))
+                      principal=Principal(credentials=Credentials(username="u", account_id=1, password="p")),
+                      authorizer=lambda action, station: None)  # admission allowed every station
     unretrieved: list[dict[str, Any]] = []
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(lambda _loop, context: unretrieved.append(context))
