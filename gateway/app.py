@@ -43,7 +43,7 @@ from gateway.core.keys import derive_key
 from gateway.embedded.catalog import Catalog
 from gateway.embedded.controlplane import ControlPlane
 from gateway.embedded.server import EmbeddedBroker
-from gateway.pages import metrics_route, root_route
+from gateway.pages import live_route, metrics_route, root_route
 from gateway.rpc.call import Endpoint, build_endpoints
 from gateway.rpc.contract import SERVICES
 from gateway.rpc.grpc_server import build_grpc_server
@@ -243,7 +243,7 @@ class Gateway:
             cors_origins=s.cors_origins,
             max_body_bytes=s.max_body_bytes,
             request_timeout_s=s.request_timeout_s,
-            extra_routes=(metrics_route(self.metrics), root_route(), openapi_route(self.endpoints)),
+            extra_routes=(metrics_route(self.metrics), root_route(), live_route(), openapi_route(self.endpoints)),
         )
 
     async def _watch_health(self) -> None:

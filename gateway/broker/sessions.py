@@ -223,7 +223,8 @@ class SessionPool:
                 await abandon(m)
                 text = str(exc).lower()
                 if "authorization" in text or "authentication" in text:
-                    raise Unauthenticated(f"broker refused {creds.username}", why="credentials refused by the broker") from None
+                    raise Unauthenticated(f"broker refused {creds.username}",
+                                          why="credentials refused by the broker") from None
                 reasons.append(f"{host}:{port}")
                 continue
             except TimeoutError:

@@ -99,7 +99,7 @@ async def test_documented_requests_answer_as_upstream(tmp_path: Path) -> None:
     plane = ControlPlane()
     await plane.start(nc)
     http = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve"], env=upstream_env(http, broker.port),
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve"], env=upstream_env(http, broker.port),  # noqa: ASYNC220
                             cwd=tmp_path, stderr=subprocess.PIPE, text=True)
     try:
         wait_up(f"http://127.0.0.1:{http}/monitoring/status", proc)

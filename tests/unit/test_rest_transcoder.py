@@ -358,8 +358,8 @@ ROUTES = [
      {"echo.id": "q", "echo.inner": {"name": "n", "big": 0, "tags": ["t"], "color": "COLOR_UNSPECIFIED"}}),
     ("POST", "/v1/topics/t1:publish", b'{"id": "x", "inner": {"name": "ignored", "big": 7}}', 200,
      {"echo.id": "x", "echo.inner.name": "topics/t1", "echo.inner.big": 7}),
-    ("POST", "/v1/other/t1:publish", b"{}", 404, {"code": 5, "message": "Not Found: no route POST /v1/other/t1:publish; GET /docs lists the API"}),
-    ("POST", "/v1/topics/t1", b"{}", 404, {"code": 5, "message": "Not Found: no route POST /v1/topics/t1; GET /docs lists the API"}),
+    ("POST", "/v1/other/t1:publish", b"{}", 404, {"code": 5, "message": "Not Found: no route POST /v1/other/t1:publish; GET /docs lists the API"}),  # noqa: E501
+    ("POST", "/v1/topics/t1", b"{}", 404, {"code": 5, "message": "Not Found: no route POST /v1/topics/t1; GET /docs lists the API"}),  # noqa: E501
     ("GET", "/v1/files/a/b/c.txt", None, 200, ["a", "b", "c.txt"]),
     ("GET", "/v1/files/a%2Fb/c", None, 200, ["a%2Fb", "c"]),
     ("GET", "/v1/typed/a,b/true/GREEN/7/1970-01-01T00:00:01Z", None, 200,
@@ -373,9 +373,9 @@ ROUTES = [
     ("DELETE", "/v1/items/gone", None, 404, {"error": "no such item", "success": False}),
     ("SEARCH", "/v1/custom?id=s", None, 200, {"echo.id": "s"}),
     ("POST", "/memgw.testing.v1.EchoService/Unbound", b'{"id": "u"}', 200, {"echo.id": "u"}),
-    ("POST", "/monitoring/status", None, 405, {"code": 12, "message": "Method Not Allowed: use GET for /monitoring/status"}),
+    ("POST", "/monitoring/status", None, 405, {"code": 12, "message": "Method Not Allowed: use GET for /monitoring/status"}),  # noqa: E501
     ("PUT", "/v1/items/x", None, 405, {"error": "Method Not Allowed: use DELETE for /v1/items/x", "success": False}),
-    ("GET", "/nothing/here", None, 404, {"code": 5, "message": "Not Found: no route GET /nothing/here; GET /docs lists the API"}),
+    ("GET", "/nothing/here", None, 404, {"code": 5, "message": "Not Found: no route GET /nothing/here; GET /docs lists the API"}),  # noqa: E501
     ("GET", "/monitoring/status/", None, 200, {"status": "ok"}),  # upstream: trailing slash ignored
     ("GET", "/Monitoring/STATUS", None, 200, {"status": "ok"}),  # upstream: case-insensitive,
     ("GET", "/v1/echo/%zz", None, 400, {"code": 3}),
@@ -627,7 +627,7 @@ async def test_authorization_from_header_or_query(
         doc = js(body)  # docs/rest-api.md: every 401 has {"message": "Unauthorized"}, and says why
         assert doc["message"] == "Unauthorized" and set(doc) == {"message", "reason"}
         assert response_headers["WWW-Authenticate"].startswith("Bearer realm=")
-        assert doc["reason"] == "no token" or f'error_description="{doc["reason"]}"' in response_headers["WWW-Authenticate"]
+        assert doc["reason"] == "no token" or f'error_description="{doc["reason"]}"' in response_headers["WWW-Authenticate"]  # noqa: E501
 
 
 async def test_grpc_timeout(server: Server) -> None:
@@ -753,7 +753,7 @@ async def test_cors_preflight(server: Server) -> None:
     assert headers["Access-Control-Allow-Methods"] == "POST, OPTIONS"
     assert headers["Access-Control-Allow-Headers"] == "authorization, content-type, x-custom"
     status, _, body = await server.call("OPTIONS", "/nothing", None, preflight)
-    assert (status, js(body)) == (404, {"code": 5, "message": "Not Found: no route OPTIONS /nothing; GET /docs lists the API"})
+    assert (status, js(body)) == (404, {"code": 5, "message": "Not Found: no route OPTIONS /nothing; GET /docs lists the API"})  # noqa: E501
 
 
 async def test_cors_with_listed_origins() -> None:
