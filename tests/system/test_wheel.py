@@ -40,9 +40,11 @@ def test_wheel_installs_and_serves(tmp_path: Path) -> None:
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
     py = env_dir / "bin" / "python"
-    subprocess.run([str(py), "-m", "pip", "install", "-q", str(wheel)], check=True, timeout=240)
-    http, grpc_port, broker = free_port(), free_port(), free_port()
+    # a clean environment: no PYTHONPATH (a source tree on it would make pip skip the install as "satisfied")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",) and not k.startswith("MEMPHIS_GATEWAY_")}
+    subprocess.run([str(py), "-m", "pip", "install", "-q", str(wheel)], check=True, timeout=240, env=env, cwd=tmp_path)
+    assert (env_dir / "bin" / "memphis-gateway").exists()
+    http, grpc_port, broker = free_port(), free_port(), free_port()
     proc = subprocess.Popen(
         [str(env_dir / "bin" / "memphis-gateway"), "serve", "--http-port", str(http), "--grpc-port", str(grpc_port),
          "--broker-port", str(broker), "--data-dir", str(tmp_path / "data")],

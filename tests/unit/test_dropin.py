@@ -37,7 +37,8 @@ def test_authorization_any_word(value: str) -> None:
 
 
 @pytest.mark.parametrize(("value", "why"), [
-    (None, "no token"), ("", "no token"), ("tok", "malformed"), ("Bearer  tok", "malformed"), ("Bearer tok ", "malformed"),
+    (None, "no token"), ("", "no token"), ("tok", "malformed"), ("Bearer  tok", "malformed"),
+    ("Bearer tok ", "malformed"),
 ])  # fmt: skip
 def test_authorization_refused(value: str | None, why: str) -> None:
     with pytest.raises(Unauthenticated) as info:
