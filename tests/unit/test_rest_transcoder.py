@@ -374,7 +374,7 @@ ROUTES = [
     ("SEARCH", "/v1/custom?id=s", None, 200, {"echo.id": "s"}),
     ("POST", "/memgw.testing.v1.EchoService/Unbound", b'{"id": "u"}', 200, {"echo.id": "u"}),
     ("POST", "/monitoring/status", None, 405, {"code": 12, "message": "Method Not Allowed: use GET for /monitoring/status"}),  # noqa: E501
-    ("PUT", "/v1/items/x", None, 405, {"message": "Method Not Allowed: use PATCH or DELETE for /v1/items/x"}),,
+    ("PUT", "/v1/items/x", None, 405, {"message": "Method Not Allowed: use PATCH or DELETE for /v1/items/x"}),
     ("GET", "/nothing/here", None, 404, {"code": 5, "message": "Not Found: no route GET /nothing/here; GET /docs lists the API"}),  # noqa: E501
     ("GET", "/monitoring/status/", None, 200, {"status": "ok"}),  # upstream: trailing slash ignored
     ("GET", "/Monitoring/STATUS", None, 200, {"status": "ok"}),  # upstream: case-insensitive,
