@@ -84,8 +84,13 @@ def main(argv: list[str] | None = None) -> None:
     if generated:
         log.warning(
             "no jwt_secret configured: generated a random one; tokens will not survive a restart "
-            "and replicas will not accept each other's tokens (set MEMPHIS_GATEWAY_JWT_SECRET)"
+            "and replicas will not accept each other's tokens (set MEMPHIS_GATEWAY_JWT_SECRET or JWT_SECRET)"
         )
+    upstream, ours = config.names_read(settings)
+    log.info("configuration read from: upstream variables %s; MEMPHIS_GATEWAY_* %s; flags win over both, "
+             "ours over upstream's", ", ".join(upstream) or "none", ", ".join(ours) or "none")
+    for warning in config.secret_warnings(settings):
+        log.warning("%s", warning)
     log.info("settings: %s", {k: str(v) for k, v in settings.redacted().items()})
     if settings.workers > 1 and not workers.is_worker():
         try:

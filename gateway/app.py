@@ -36,18 +36,19 @@ from grpc_health.v1 import health, health_pb2
 from gateway.auth.directory import Directory, UserRecord
 from gateway.auth.guard import Guard
 from gateway.auth.throttle import LoginThrottle
-from gateway.auth.tokens import TokenService
+from gateway.auth.tokens import TokenService, choose
 from gateway.broker.adapter import MemphisBroker
-from gateway.broker.natsutil import parse_servers
+from gateway.broker.natsutil import parse_servers, tls_context
 from gateway.broker.sessions import RECONNECT_WAIT_S
 from gateway.core.deadlines import timeout
+from gateway.core.identity import Credentials
 from gateway.core.keys import derive_key
 from gateway.embedded.catalog import Catalog
 from gateway.embedded.controlplane import ControlPlane
 from gateway.embedded.permissions import user_permissions
 from gateway.embedded.server import AccountLimits, EmbeddedBroker
 from gateway.management import management_servicers
-from gateway.pages import metrics_route, root_route
+from gateway.pages import live_route, metrics_route, root_route
 from gateway.rpc.call import Endpoint, build_endpoints
 from gateway.rpc.contract import SERVICES
 from gateway.rpc.grpc_server import build_grpc_server
@@ -66,6 +67,7 @@ log = logging.getLogger("gateway")
 HEALTH_INTERVAL_S = 2.0
 SEND_CHECK_INTERVAL_S = 1.0
 CLOSE_BUDGET_S = 1.5  # after the drain: broker sessions, control plane, its connection (a third each)
+DEV_ENV_PUBLIC = "/memgw.v1.MonitoringService/GetResourcesUtilization"  # upstream's DEV_ENV route, no token
 STOP_MARGIN_S = 1.9  # the whole stop takes at most drain_timeout_s + this (8 + 1.9 s by default)
 
 
@@ -90,9 +92,12 @@ def users_applier(embedded: EmbeddedBroker) -> Callable[[list[UserRecord]], Awai
 
 def embedded_broker(s: Settings) -> EmbeddedBroker:
     """The embedded broker these settings describe; SettingsError if it must not start (its
-    development password on a reachable address)."""
+    development password on a reachable address; token mode without a token)."""
     if (why := s.unsafe_embedded_password()) is not None:
         raise SettingsError(why)
+    if s.auth_mode == "token" and not s.connection_token:
+        raise SettingsError("connection-token mode (USER_PASS_BASED_AUTH false) with the embedded broker "
+                            "needs a token: set CONNECTION_TOKEN or MEMPHIS_GATEWAY_CONNECTION_TOKEN")
     limits = AccountLimits(
         max_streams=s.broker_max_streams or -1,
         max_consumers=s.broker_max_consumers or -1,
@@ -100,7 +105,8 @@ def embedded_broker(s: Settings) -> EmbeddedBroker:
         max_store_bytes=s.broker_max_store_mb * 2**20 or -1,
     )
     return EmbeddedBroker(data_dir=s.data_dir, port=s.broker_port, root_user=s.root_user,
-                          root_password=s.root_password, limits=limits)
+                          root_password=s.root_password, limits=limits,
+                          connection_token=s.connection_token if s.auth_mode == "token" else "")
 
 
 class Gateway:
@@ -149,7 +155,15 @@ class Gateway:
             log.info("control plane: answering Memphis's $memphis_* requests (catalog replicas: %d)", replicas)
         self.broker = MemphisBroker(
             broker_url, timeout_s=s.broker_timeout_s, idle_s=s.session_idle_s,
-            ack_key=derive_key(s.jwt_secret, "ack-id"), service_nc=self.service_nc,
+            ack_key=derive_key(s.jwt_secret, "ack-id"), service_nc=self.service_nc, tls=s.broker_tls,
+        )
+        root_password, root_token = choose(s.auth_mode, s.root_password, s.connection_token)
+        tokens = TokenService(
+            s.jwt_secret,
+            upstream_secret=s.upstream_jwt_secret,
+            upstream_refresh_secret=s.upstream_refresh_jwt_secret,
+            root=Credentials(username=s.root_user, account_id=1, password=root_password, connection_token=root_token),
+            mode=s.auth_mode,
         )
         tokens = TokenService(s.jwt_secret)
         self.directory = Directory(tokens, s.root_user, managed=s.answers_control_plane)
@@ -160,7 +174,8 @@ class Gateway:
             await self.directory.sync_broker()
         servicers = [
             AuthService(self.broker, tokens, s.token_expiry_min, s.refresh_token_expiry_min,
-                        LoginThrottle(s.login_failures_per_user_per_min, s.login_failures_per_address_per_min)),
+                        LoginThrottle(s.login_failures_per_user_per_min, s.login_failures_per_address_per_min),
+                        max_min=s.max_token_expiry_min, mode=s.auth_mode),
             ProduceService(self.broker, s.max_batch_messages),
             ConsumeService(self.broker, s.max_consume_batch, s.max_consume_wait_ms, s.max_body_bytes),
             MonitoringService(self.broker),
@@ -174,6 +189,7 @@ class Gateway:
             max_streams_per_principal=s.max_streams_per_user,
             requests_per_s=s.rate_limit_rps,
             bytes_per_s=s.rate_limit_bytes_per_s,
+            also_public=frozenset({DEV_ENV_PUBLIC} if s.dev_env else ()),
         )
         self.endpoints = build_endpoints(SERVICES, servicers, guard, observer=self.metrics)
 
@@ -201,7 +217,13 @@ class Gateway:
 
     async def _connect_control_plane(self, broker_url: str) -> Any:
         s = self.settings
-        servers = [f"nats://{host}:{port}" for host, port in parse_servers(broker_url)]
+        tls = s.broker_tls
+        scheme = "tls" if tls else "nats"
+        servers = [f"{scheme}://{host}:{port}" for host, port in parse_servers(broker_url)]
+        credentials: dict[str, Any] = (
+            {"token": s.connection_token} if s.auth_mode == "token" and s.connection_token
+            else {"user": f"{s.root_user}$1", "password": s.root_password}
+        )
         cp_log = logging.getLogger("gateway.broker")
         down_since: list[float] = []
 
@@ -220,8 +242,8 @@ class Gateway:
 
         nc = await nats.connect(
             servers,
-            user=f"{s.root_user}$1",
-            password=s.root_password,
+            **credentials,
+            tls=tls_context(tls),
             name="memphis-gateway::control-plane",
             connect_timeout=s.broker_timeout_s,
             max_reconnect_attempts=-1,
@@ -277,6 +299,7 @@ class Gateway:
             extra_routes=(
                 metrics_route(self.metrics, self.metrics_share.gather if self.metrics_share else None),
                 root_route(),
+                live_route(),
                 openapi_route(self.endpoints),
             ),
         )

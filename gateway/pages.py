@@ -36,3 +36,14 @@ def root_route() -> ExtraRoute:
         return web.Response(body=body, content_type="application/json")
 
     return ExtraRoute(method="GET", template="/", handler=handler)
+
+
+def live_route() -> ExtraRoute:
+    """GET /monitoring/live: 200 while the process serves HTTP (a liveness probe; /monitoring/status is
+    readiness: 503 while the broker is unreachable)."""
+    body = orjson.dumps({"status": "alive"})
+
+    async def handler(request: web.BaseRequest, params: Mapping[str, str]) -> web.StreamResponse:
+        return web.Response(body=body, content_type="application/json")
+
+    return ExtraRoute(method="GET", template="/monitoring/live", handler=handler)

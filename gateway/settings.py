@@ -1,9 +1,12 @@
 """Configuration: one typed settings object.
 
-Sources, later ones winning: defaults, environment variables
+Sources, later ones winning: defaults, the upstream Memphis REST gateway's variable
+names (``HTTP_PORT``, ``MEMPHIS_HOST``, ``JWT_SECRET``, ... read as it reads them:
+docs/upstream.md, "Configuration"), our environment variables
 (``MEMPHIS_GATEWAY_<FIELD>``, e.g. ``MEMPHIS_GATEWAY_HTTP_PORT=8080``), then command
-line flags (``--http-port 8080``). A malformed value stops start-up with the
-variable's name in the message.
+line flags (``--http-port 8080``). A malformed value of ours stops start-up with the
+variable's name in the message; an upstream value that does not convert is ignored
+with a warning, as the upstream ignores it (silently). An empty value counts as unset.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import ipaddress
+import logging
 import os
 import secrets
 from collections.abc import Mapping, Sequence
@@ -22,6 +26,8 @@ ENV_PREFIX = "MEMPHIS_GATEWAY_"
 WORKER_GROUP_ENV = ENV_PREFIX + "WORKER_GROUP"  # set by the --workers supervisor in its children
 FILE_SUFFIX = "_FILE"  # MEMPHIS_GATEWAY_ROOT_PASSWORD_FILE / --root-password-file: a secret read from a file
 DEV_ROOT_PASSWORD = "memphis"
+log = logging.getLogger("gateway.settings")
+AUTH_MODES = ("auto", "password", "token")
 
 
 class SettingsError(ValueError):
@@ -68,6 +74,18 @@ class Settings:
     max_stations_per_user: int = field(
         default=1000, metadata={"help": "stations one user may create by producing (0: off); 429 beyond"}
     )
+    connection_token: str = field(
+        default="",
+        metadata={"help": "the broker's connection token (token mode; the embedded broker accepts it)", "secret": True},
+    )
+    auth_mode: str = field(
+        default="auto",
+        metadata={"help": "which credential counts: password, token (connection_token), or auto (the one sent; "
+                  "password when both are)"},
+    )
+    broker_tls_cert: str = field(default="", metadata={"help": "client certificate (PEM) for TLS to the broker"})
+    broker_tls_key: str = field(default="", metadata={"help": "its private key (PEM)"})
+    broker_tls_ca: str = field(default="", metadata={"help": "CA (PEM) the broker's certificate is checked against"})
     broker_timeout_s: float = field(default=5.0, metadata={"help": "deadline of one broker operation (s)"})
     session_idle_s: float = field(default=300.0, metadata={"help": "close a user's broker connection unused this long"})
     # Tokens
@@ -75,8 +93,24 @@ class Settings:
         default="",
         metadata={"help": "HS256 secret shared by replicas; generated (with a warning) if empty", "secret": True},
     )
+    upstream_jwt_secret: str = field(
+        default="",
+        metadata={"help": "accept access tokens the upstream gateway signed with this secret (migration)",
+                  "secret": True},
+    )
+    upstream_refresh_jwt_secret: str = field(
+        default="",
+        metadata={"help": "accept refresh tokens the upstream gateway signed with this secret (migration)",
+                  "secret": True},
+    )
     token_expiry_min: int = field(default=15, metadata={"help": "default access token lifetime (minutes)"})
     refresh_token_expiry_min: int = field(default=300, metadata={"help": "default refresh token lifetime (minutes)"})
+    max_token_expiry_min: int = field(
+        default=0, metadata={"help": "cap on requested token lifetimes, minutes (0: no cap, as upstream)"}
+    )
+    dev_env: bool = field(
+        default=False, metadata={"help": "GET /monitoring/getResourcesUtilization without a token (upstream DEV_ENV)"}
+    )
     # HTTP
     cors_origins: tuple[str, ...] = field(default=("*",), metadata={"help": "allowed CORS origins, comma separated"})
     request_timeout_s: float = field(default=30.0, metadata={"help": "deadline of a REST request or unary RPC (s)"})
@@ -111,6 +145,12 @@ class Settings:
             return f"nats://127.0.0.1:{self.broker_port}"
         address = self.broker.split("://", 1)[-1]
         return f"nats://{address}" if ":" in address else f"nats://{address}:6666"
+
+    @property
+    def broker_tls(self) -> tuple[str, str, str] | None:
+        """(cert, key, ca) when all three are set: TLS with a client certificate to the broker."""
+        files = (self.broker_tls_cert, self.broker_tls_key, self.broker_tls_ca)
+        return files if all(files) else None
 
     @property
     def answers_control_plane(self) -> bool:
@@ -213,19 +253,108 @@ def _validate(s: Settings) -> None:
             raise SettingsError(f"{name}: must be positive")
     if s.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise SettingsError("log_level: must be DEBUG, INFO, WARNING or ERROR")
-    if s.jwt_secret and len(s.jwt_secret) < 32:
-        raise SettingsError("jwt_secret: must be at least 32 characters")
+    if s.auth_mode not in AUTH_MODES:
+        raise SettingsError(f"auth_mode: must be one of {', '.join(AUTH_MODES)}")
+    if s.max_token_expiry_min < 0:
+        raise SettingsError("max_token_expiry_min: must be 0 (no cap) or positive")
+    tls = (s.broker_tls_cert, s.broker_tls_key, s.broker_tls_ca)
+    if any(tls) and not all(tls):
+        log.warning("broker TLS needs all three of the client certificate, its key and the CA; "
+                    "only some are set, so the broker connection is plain TCP (as upstream)")
+
+
+# The upstream gateway's variables (docs/upstream.md, "The variables"): name -> (our field, type).
+# JWT_SECRET also keys our own tokens when ours is unset; USER_PASS_BASED_AUTH picks auth_mode;
+# DEBUG raises the log level (we never log bodies); DEV_ENV is "true" exactly, as upstream compares it.
+UPSTREAM_ENV: dict[str, tuple[str, str]] = {
+    "HTTP_PORT": ("http_port", "int"),
+    "MEMPHIS_HOST": ("broker", "str"),
+    "USER_PASS_BASED_AUTH": ("auth_mode", "bool"),
+    "ROOT_USER": ("root_user", "str"),
+    "ROOT_PASSWORD": ("root_password", "str"),
+    "CONNECTION_TOKEN": ("connection_token", "str"),
+    "JWT_SECRET": ("upstream_jwt_secret", "str"),
+    "REFRESH_JWT_SECRET": ("upstream_refresh_jwt_secret", "str"),
+    "JWT_EXPIRES_IN_MINUTES": ("token_expiry_min", "int"),
+    "REFRESH_JWT_EXPIRES_IN_MINUTES": ("refresh_token_expiry_min", "int"),
+    "CLIENT_CERT_PATH": ("broker_tls_cert", "str"),
+    "CLIENT_KEY_PATH": ("broker_tls_key", "str"),
+    "ROOT_CA_PATH": ("broker_tls_ca", "str"),
+    "DEV_ENV": ("dev_env", "str"),
+    "DEBUG": ("log_level", "bool"),
+}
+_last_read: list[tuple[str, ...]] = [(), ()]
+SHORT_SECRET = 32  # characters; shorter HS256 secrets are accepted (upstream: any length) with a warning
+
+
+def go_parse_bool(raw: str) -> bool:
+    """Go's strconv.ParseBool: ValueError for anything but its twelve spellings."""
+    if raw in ("1", "t", "T", "TRUE", "true", "True"):
+        return True
+    if raw in ("0", "f", "F", "FALSE", "false", "False"):
+        return False
+    raise ValueError(f"not a Go boolean (1, t, T, TRUE, true, True, 0, f, F, FALSE, false, False): {raw!r}")
+
+
+def _go_int(raw: str) -> int:
+    """Go's strconv.ParseInt(raw, 10, 64): optional sign, decimal digits only."""
+    digits = raw[1:] if raw[:1] in "+-" else raw
+    if not digits.isascii() or not digits.isdigit():
+        raise ValueError(f"not a decimal integer: {raw!r}")
+    return int(raw)
+
+
+def upstream_values(environ: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
+    """Our field values from the upstream's variables, and the names read (for the start-up log).
+
+    A value that does not convert is ignored, as gonfig ignores it, but with a warning here."""
+    values: dict[str, Any] = {}
+    read: list[str] = []
+    for name, (field_name, kind) in UPSTREAM_ENV.items():
+        raw = environ.get(name, "")
+        if raw == "":
+            continue
+        try:
+            if kind == "int":
+                value: Any = _go_int(raw)
+            elif kind == "bool":
+                value = go_parse_bool(raw)
+            else:
+                value = raw
+        except ValueError as exc:
+            if name == "USER_PASS_BASED_AUTH":
+                values["auth_mode"] = "token"  # upstream: unparsable -> false -> connection-token mode
+                log.warning("%s: %s; read as false (connection-token mode), as the upstream does", name, exc)
+                read.append(name)
+            else:
+                log.warning("%s: %s; ignored, as the upstream ignores it", name, exc)
+            continue
+        read.append(name)
+        if name == "USER_PASS_BASED_AUTH":
+            value = "password" if value else "token"
+        elif name == "DEBUG":
+            if not value:
+                continue
+            value = "DEBUG"
+        elif name == "DEV_ENV":
+            value = raw == "true"
+        elif name == "JWT_SECRET":
+            values["jwt_secret"] = raw
+        values[field_name] = value
+    return values, read
 
 
 def load(environ: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:
     """Defaults, then the environment, then ``overrides`` (parsed CLI flags)."""
     environ = os.environ if environ is None else environ
     overrides = dict(overrides or {})
-    values: dict[str, Any] = {}
+    values, upstream_read = upstream_values(environ)
+    ours_read: list[str] = []
     for f in fields(Settings):
         env_name = ENV_PREFIX + f.name.upper()
-        if env_name in environ:
+        if environ.get(env_name, "") != "":
             values[f.name] = _convert(env_name, f.type, environ[env_name])
+            ours_read.append(env_name)
     for name in secret_fields():  # a secret may come from a file (its path is all `ps` or the environment show)
         env_name, flag = ENV_PREFIX + name.upper(), "--" + name.replace("_", "-")
         env_file, flag_file = environ.get(env_name + FILE_SUFFIX), overrides.pop(name + "_file", None)
@@ -243,7 +372,25 @@ def load(environ: Mapping[str, str] | None = None, overrides: Mapping[str, Any] 
             values[name] = _convert(f"--{name.replace('_', '-')}", kind, value) if isinstance(value, str) else value
     settings = Settings(**values)
     _validate(settings)
+    _last_read[:] = [tuple(upstream_read), tuple(ours_read)]
     return settings
+
+
+def names_read(settings: Settings) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(upstream variable names, MEMPHIS_GATEWAY_* names) that ``load`` read, for the start-up log."""
+    del settings  # the names of the last load(): one per process
+    return _last_read[0], _last_read[1]
+
+
+def secret_warnings(settings: Settings) -> list[str]:
+    """Warnings about secrets that work but are weak (any length is accepted, as upstream)."""
+    out = []
+    for name in ("jwt_secret", "upstream_jwt_secret", "upstream_refresh_jwt_secret"):
+        value = getattr(settings, name)
+        if value and len(value) < SHORT_SECRET:
+            out.append(f"{name} is only {len(value)} characters: anyone who guesses it can forge tokens; "
+                       f"use {SHORT_SECRET} or more random characters")
+    return out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

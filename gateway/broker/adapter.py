@@ -28,9 +28,10 @@ from gateway.core.identity import Credentials
 
 class MemphisBroker:
     def __init__(
-        self, url: str, *, timeout_s: float, idle_s: float, ack_key: bytes, service_nc: Any = None
+        self, url: str, *, timeout_s: float, idle_s: float, ack_key: bytes, service_nc: Any = None,
+        tls: tuple[str, str, str] | None = None,
     ) -> None:
-        self._pool = SessionPool(url, timeout_s=timeout_s, idle_s=idle_s)
+        self._pool = SessionPool(url, timeout_s=timeout_s, idle_s=idle_s, tls=tls)
         self._servers = parse_servers(url)
         self._timeout = timeout_s
         self._service_nc = service_nc

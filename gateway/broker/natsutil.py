@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -70,18 +71,37 @@ async def ping(nc: Any, seconds: float, lost: asyncio.Future[None] | None = None
     return pong.done()
 
 
-async def check_token(host: str, port: int, creds: Credentials, seconds: float) -> None:
+def tls_files(tls: tuple[str, str, str] | None) -> dict[str, str]:
+    """memphis-py's connect keywords for TLS with a client certificate ({} for plain TCP)."""
+    return {} if tls is None else {"cert_file": tls[0], "key_file": tls[1], "ca_file": tls[2]}
+
+
+def tls_context(tls: tuple[str, str, str] | None) -> ssl.SSLContext | None:
+    """nats-py's ``tls`` for the same files, built as memphis-py builds it (TLS >= 1.2, the CA checked)."""
+    if tls is None:
+        return None
+    ctx = ssl.create_default_context(purpose=ssl.Purpose.SERVER_AUTH, cafile=tls[2])
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(certfile=tls[0], keyfile=tls[1])
+    return ctx
+
+
+async def check_token(
+    host: str, port: int, creds: Credentials, seconds: float, tls: tuple[str, str, str] | None = None
+) -> None:
     """Unauthenticated if the broker refuses the connection token (one attempt, no reconnects)."""
 
     async def quiet(_exc: Exception) -> None:
         return None
 
     try:
-        nc = await nats.connect(f"nats://{host}:{port}", token=creds.connection_token, allow_reconnect=False,
-                                connect_timeout=seconds, max_reconnect_attempts=0, error_cb=quiet)
+        nc = await nats.connect(f"{'tls' if tls else 'nats'}://{host}:{port}", token=creds.connection_token,
+                                allow_reconnect=False, connect_timeout=seconds, max_reconnect_attempts=0,
+                                error_cb=quiet, tls=tls_context(tls), tls_hostname=host if tls else None)
     except Exception as exc:
         if "authorization" in str(exc).lower():
-            raise Unauthenticated(f"broker refused the connection token of {creds.username}") from None
+            raise Unauthenticated(f"broker refused the connection token of {creds.username}",
+                                  why="credentials refused by the broker") from None
         return  # anything else: memphis-py's own connect reports it
     await nc.close()
 

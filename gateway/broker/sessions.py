@@ -32,7 +32,7 @@ import orjson
 from memphis import Memphis
 from memphis.exceptions import MemphisError
 
-from gateway.broker.natsutil import DOWN, DOWN_SHORT, RETRY_AFTER_S, check_token, parse_servers, probe
+from gateway.broker.natsutil import DOWN, DOWN_SHORT, RETRY_AFTER_S, check_token, parse_servers, probe, tls_files
 from gateway.broker.publisher import Publisher
 from gateway.broker.sdk import abandon, parse_descriptor
 from gateway.core.deadlines import timeout
@@ -198,7 +198,8 @@ class SessionPool:
 
     MAX_PROVEN = 16
 
-    def __init__(self, url: str, *, timeout_s: float, idle_s: float) -> None:
+    def __init__(self, url: str, *, timeout_s: float, idle_s: float, tls: tuple[str, str, str] | None = None) -> None:
+        self._tls = tls  # (cert, key, ca): memphis-py's cert_file, key_file, ca_file
         self._servers = parse_servers(url)
         self._host, self._port = self._servers[0]
         self._timeout = timeout_s
@@ -310,7 +311,7 @@ class SessionPool:
                 reasons.append(f"{host}:{port} ({why})")  # memphis-py would retry (and print) forever
                 continue
             if creds.connection_token:  # memphis-py has no ping connection for tokens: it would retry
-                await check_token(host, port, creds, self._timeout)  # a refused token forever
+                await check_token(host, port, creds, self._timeout, self._tls)  # a refused token forever
             m = Memphis()
             try:
                 async with timeout(self._timeout):  # its ping connection would retry forever
@@ -325,12 +326,14 @@ class SessionPool:
                         reconnect=True,
                         max_reconnect=-1,
                         reconnect_interval_ms=int(RECONNECT_WAIT_S * 1000),
+                        **tls_files(self._tls),
                     )
             except MemphisError as exc:
                 await abandon(m)
                 text = str(exc).lower()
                 if "authorization" in text or "authentication" in text:
-                    raise Unauthenticated(f"broker refused {creds.username}") from None
+                    raise Unauthenticated(f"broker refused {creds.username}",
+                                          why="credentials refused by the broker") from None
                 reasons.append(f"{host}:{port}")
                 continue
             except TimeoutError:

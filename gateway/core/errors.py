@@ -2,7 +2,7 @@
 
 GatewayError                 carries a gRPC status code (and the HTTP status derived from it)
  ├── InvalidArgument         INVALID_ARGUMENT   400 (413/415 with an http_status override)
- ├── Unauthenticated         UNAUTHENTICATED    401 (message is always "Unauthorized")
+ ├── Unauthenticated         UNAUTHENTICATED    401 (message is always "Unauthorized"; ``why`` says why)
  ├── PermissionDenied        PERMISSION_DENIED  403
  ├── NotFound                NOT_FOUND          404
  ├── ResourceExhausted       RESOURCE_EXHAUSTED 429 (may carry retry_after seconds)
@@ -71,9 +71,12 @@ class InvalidArgument(GatewayError):
 class Unauthenticated(GatewayError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
-    def __init__(self, reason: str = "") -> None:
+    def __init__(self, reason: str = "", *, why: str = "invalid token") -> None:
         super().__init__("Unauthorized")
-        self.reason = reason  # for the log only
+        self.reason = reason  # for the log only (may name the user)
+        # For the caller: a short fixed phrase that reveals nothing ("token expired", "no token", ...):
+        # REST's WWW-Authenticate error_description and body "reason", gRPC's status message.
+        self.why = why
 
 
 class PermissionDenied(GatewayError):

@@ -39,6 +39,22 @@ DROPPED = frozenset(
     )
 )
 IDEMPOTENCY_KEY = "idempotency-key"
+
+
+@lru_cache(maxsize=1024)
+def canonical(name: str) -> str:
+    """An HTTP header name as the upstream stores it (fasthttp's normalizeHeaderKey): the first letter
+    and every letter after ``-`` upper-case, the others lower-case (``x-example-id`` -> ``X-Example-Id``).
+
+    Like fasthttp, a name holding a space or a character outside visible ASCII is left as it is.
+    REST request headers only: gRPC's ``headers`` map is stored as the caller spelled it."""
+    if not name.isascii() or any(c <= " " or c == "\x7f" for c in name):
+        return name
+    out, upper = [], True
+    for c in name:
+        out.append(c.upper() if upper else c.lower())
+        upper = c == "-"
+    return "".join(out)
 IDEMPOTENCY_ALIASES = frozenset({"msg-id"})  # taken as the key, not stored
 PARTITION_KEY = "partition-key"
 BROKER_RESERVED = frozenset({"status", "description"})

@@ -125,6 +125,10 @@ class EmbeddedBroker:
     users: Mapping[str, str] = field(default_factory=dict)  # more Memphis users: name -> password
     # users managed by the gateway: name -> (bcrypt hash, nats permissions or None for none); see reload_users
     managed_users: Mapping[str, tuple[str, dict[str, Any] | None]] = field(default_factory=dict)
+    # Connection-token mode (USER_PASS_BASED_AUTH false): clients present this token (the SDKs'
+    # connectionToken) and no user/password exists; nats-server cannot have both ("Can not have a
+    # token and a users array"), so everything runs in its global account, JetStream enabled.
+    connection_token: str = field(default="", repr=False)
     http_port: int | None = None  # monitoring endpoint; None: off, 0: any free port (kept for restarts)
     binary: str | None = None  # default: find_nats_server()
     server_name: str = "memphis-gateway-embedded"  # unique per node in a cluster
@@ -184,6 +188,9 @@ class EmbeddedBroker:
                 "MEMPHIS": {"jetstream": self.limits.config() if self.limits else "enabled", "users": users}
             },
         }
+        if self.connection_token:
+            del conf["accounts"]
+            conf["authorization"] = {"token": self.connection_token}
         if self.cluster is not None:
             conf["cluster"] = self.cluster.config()
         if self.http_port is not None:

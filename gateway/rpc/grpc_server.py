@@ -17,7 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from grpc_status import rpc_status
 
-from gateway.core.errors import GatewayError
+from gateway.core.errors import GatewayError, Unauthenticated
 from gateway.rpc.call import CallContext, Endpoint
 
 
@@ -43,7 +43,8 @@ def _context(context: grpc.aio.ServicerContext[Any, Any], *, peer_now: bool = Fa
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: GatewayError) -> None:
-    status = status_pb2.Status(code=error.code.value[0], message=error.message)
+    message = f"{error.message}: {error.why}" if isinstance(error, Unauthenticated) else error.message
+    status = status_pb2.Status(code=error.code.value[0], message=message)
     if error.detail is not None:
         detail = any_pb2.Any()
         detail.Pack(error.detail)

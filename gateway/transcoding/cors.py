@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
+# Answer headers a browser script may read (beyond the CORS-safelisted ones): why a 401 happened,
+# when to retry a 429/503.
+EXPOSE = "WWW-Authenticate, Retry-After"
+
 
 class Cors:
     def __init__(self, origins: tuple[str, ...]) -> None:
@@ -13,10 +17,10 @@ class Cors:
     def headers(self, request: web.BaseRequest) -> dict[str, str]:
         """The CORS headers of an answer to ``request`` (a fresh dict: callers add to it)."""
         if self.any:
-            return {"Access-Control-Allow-Origin": "*"}
+            return {"Access-Control-Allow-Origin": "*", "Access-Control-Expose-Headers": EXPOSE}
         origin = request.headers.get("Origin")
         if origin is not None and origin in self.origins:
-            return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+            return {"Access-Control-Allow-Origin": origin, "Vary": "Origin", "Access-Control-Expose-Headers": EXPOSE}
         return {"Vary": "Origin"}
 
     @staticmethod

@@ -1,9 +1,13 @@
 """Routing (grpc-gateway's ``ServeMux``): which binding serves a request, or 404 / 405.
 
-The first binding, in declaration order, whose method and template match wins; a path
-that matches only under another method is 405, anything else 404, both with
-grpc-gateway's ``{"code": ..., "message": ...}`` body. Non-RPC routes (``ExtraRoute``)
-use the same template syntax, after the RPCs. Recent (method, path) matches are cached.
+The first binding, in declaration order, whose method and template match wins. A path that
+matches none exactly is tried again as the upstream gateway (fiber's defaults) routes it:
+literal segments case-insensitively and a trailing slash ignored (``/Stations/x/Produce/Single/``);
+captured values (station names) keep their case. A path that matches only under another
+method is 405, anything else 404, both in the error shape of the route family the path
+belongs to (``/auth/...``: ``{"message"}``, ``/stations/...``: ``{"error", "success"}``) with a
+hint. Non-RPC routes (``ExtraRoute``) use the same template syntax, after the RPCs. Recent
+(method, path) matches are cached.
 """
 
 from __future__ import annotations
@@ -47,10 +51,11 @@ class _Route:
     serve: Serve  # (request, captured, query_string, cors headers)
     first: str | None = None  # template.first_literal, looked up once
     rpc: bool = True  # False for an ExtraRoute
+    shape: int = 0  # the error body shape of its family (options_pb2.ErrorBody)
 
     @classmethod
-    def of(cls, method: str, template: PathTemplate, serve: Serve, rpc: bool = True) -> _Route:
-        return cls(method, template, serve, template.first_literal, rpc)
+    def of(cls, method: str, template: PathTemplate, serve: Serve, rpc: bool = True, shape: int = 0) -> _Route:
+        return cls(method, template, serve, template.first_literal, rpc, shape)
 
 
 class Mux:
@@ -63,7 +68,9 @@ class Mux:
             endpoints, allow_delete_body=options.allow_delete_body, unbound_methods=options.unbound_methods
         )
         routes = [
-            _Route.of(b.http_method, b.template, forwarder(b, limit=self.limit, timeout=self.timeout)) for b in bindings
+            _Route.of(b.http_method, b.template, forwarder(b, limit=self.limit, timeout=self.timeout),
+                      shape=b.error_body)
+            for b in bindings
         ]
         for extra in options.extra_routes:
             routes.append(_Route.of(extra.method.upper(), compile_template(extra.template), self._extra(extra), False))
@@ -99,22 +106,40 @@ class Mux:
                 params = route.template.match_components(components)
                 if params is not None:
                     return await route.serve(request, self._remember(method, path, route, params), query_string, cors)
+            if len(components) > 1 and components[-1] == "":  # upstream: a trailing slash is ignored
+                components = components[:-1]
+            lowered = first.lower()
+            for route in self.by_method.get(method, ()):  # upstream: paths are case-insensitive
+                if route.first is not None and route.first.lower() != lowered:
+                    continue
+                params = route.template.match_components(components, fold=True)
+                if params is not None:
+                    return await route.serve(request, self._remember(method, path, route, params), query_string, cors)
             if method == "HEAD":
                 for route in self.by_method.get("GET", ()):
-                    params = route.template.match_components(components)
+                    params = route.template.match_components(components, fold=True)
                     if params is not None:
                         return await route.serve(request, params, query_string, cors)
-            allowed = [r.method for r in self.routes if r.template.match_components(components) is not None]
+            allowed = [r for r in self.routes if r.template.match_components(components, fold=True) is not None]
         except MalformedPathError as exc:
             return error_response(InvalidArgument(str(exc)), 0, cors)
-        allowed = list(dict.fromkeys(allowed))
-        if not allowed:
-            err = GatewayError("Not Found", http_status=404, code=grpc.StatusCode.NOT_FOUND)
-            return error_response(err, 0, cors)
+        methods = list(dict.fromkeys(r.method for r in allowed))
+        if not methods:
+            err = GatewayError(f"Not Found: no route {method} {_shown(path)}; GET /docs lists the API",
+                               http_status=404, code=grpc.StatusCode.NOT_FOUND)
+            return error_response(err, self._family_shape(lowered), cors)
         if method == "OPTIONS":
-            return Cors.preflight(request, allowed, cors)
-        err = GatewayError("Method Not Allowed", http_status=405, code=grpc.StatusCode.UNIMPLEMENTED)
-        return error_response(err, 0, {**cors, "Allow": ", ".join(allowed)})
+            return Cors.preflight(request, methods, cors)
+        err = GatewayError(f"Method Not Allowed: use {' or '.join(methods)} for {_shown(path)}",
+                           http_status=405, code=grpc.StatusCode.UNIMPLEMENTED)
+        return error_response(err, allowed[0].shape, {**cors, "Allow": ", ".join(methods)})
+
+    def _family_shape(self, first: str) -> int:
+        """The error shape of the routes whose first segment is ``first`` (0: grpc-gateway's)."""
+        for r in self.routes:
+            if r.rpc and r.first is not None and r.first.lower() == first:
+                return r.shape
+        return 0
 
     def _remember(self, method: str, path: str, route: _Route, params: dict[str, str]) -> Mapping[str, str]:
         """Cache an RPC route match (read-only captures: every later request shares them)."""
@@ -145,3 +170,8 @@ class Mux:
             return resp
 
         return serve
+
+
+def _shown(path: str, limit: int = 200) -> str:
+    """A request path as quoted back in an error message (bounded)."""
+    return path if len(path) <= limit else path[:limit] + "..."

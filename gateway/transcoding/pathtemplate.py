@@ -280,8 +280,10 @@ class PathTemplate:
         """Match a raw request path (no query string); None when it does not match."""
         return self.match_components(split_path(path))
 
-    def match_components(self, components: list[str]) -> dict[str, str] | None:
-        """Match the output of :func:`split_path`; raise MalformedPathError on a bad escape."""
+    def match_components(self, components: list[str], *, fold: bool = False) -> dict[str, str] | None:
+        """Match the output of :func:`split_path`; raise MalformedPathError on a bad escape.
+
+        ``fold``: literal segments compare case-insensitively (captured values keep their case)."""
         n = len(components)
         if self._deep < 0:
             if n != self._nops:
@@ -297,7 +299,8 @@ class PathTemplate:
         for i, lit in self._lits:
             c = components[i]
             if c != lit and ("%" not in c or _unescape(c, keep_slash=False) != lit):
-                return None
+                if not fold or _unescape(c, keep_slash=False).lower() != lit.lower():
+                    return None
         out: dict[str, str] = {}
         for path, lo, hi, multi in self._captures:
             if multi:

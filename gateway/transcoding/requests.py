@@ -11,7 +11,7 @@ from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.core.errors import GatewayError, InvalidArgument
-from gateway.core.headers import DROPPED
+from gateway.core.headers import DROPPED, canonical
 from gateway.transcoding.responses import error_response
 
 # Request headers never bound to a headers field (memgw.v1.transcoding.headers_field): credentials and
@@ -56,7 +56,7 @@ def request_headers(
             if lower in first:
                 out[first[lower]] += ", " + value
             else:
-                first[lower] = key
+                first[lower] = key = canonical(key)  # stored as the upstream stores it (X-Example-Id)
                 out[key] = value
     if out and "connection" in md:  # headers named in Connection are hop-by-hop too
         for name in md["connection"].split(","):

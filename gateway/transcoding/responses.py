@@ -17,7 +17,7 @@ from aiohttp import web
 from google.protobuf.message import Message
 from memgw.v1 import options_pb2
 
-from gateway.core.errors import GatewayError
+from gateway.core.errors import GatewayError, Unauthenticated
 from gateway.transcoding.bindings import Binding
 from gateway.transcoding.jsoncodec import dumps
 
@@ -36,12 +36,20 @@ def error_body(err: GatewayError, shape: int) -> bytes:
     """
     if err.detail is not None:
         return dumps(err.detail)
-    # docs/rest-api.md: every 401 is {"message": ...}
+    if isinstance(err, Unauthenticated):  # docs/rest-api.md: every 401 is {"message": "Unauthorized"}, + why
+        return orjson.dumps({"message": err.message, "reason": err.why})
     if shape == _MESSAGE or err.code == grpc.StatusCode.UNAUTHENTICATED:
         return orjson.dumps({"message": err.message})
     if shape == _SUCCESS_FLAG:
         return orjson.dumps({"error": err.message, "success": False})
     return orjson.dumps({"code": err.code.value[0], "message": err.message})
+
+
+def www_authenticate(err: GatewayError) -> str:
+    """RFC 6750 section 3: no error code when the request carried no token at all."""
+    if not isinstance(err, Unauthenticated) or err.why == "no token":
+        return 'Bearer realm="memphis-gateway"'
+    return f'Bearer realm="memphis-gateway", error="invalid_token", error_description="{err.why}"'
 
 
 def error_response(err: GatewayError, shape: int, headers: dict[str, str] | None = None) -> web.Response:
@@ -50,7 +58,7 @@ def error_response(err: GatewayError, shape: int, headers: dict[str, str] | None
     if headers:
         out.update(headers)
     if err.http_status == 401:
-        out["WWW-Authenticate"] = "Bearer"
+        out["WWW-Authenticate"] = www_authenticate(err)
     if err.retry_after is not None:
         out["Retry-After"] = str(max(0, math.ceil(err.retry_after)))
     return web.Response(status=err.http_status, body=error_body(err, shape), headers=out)

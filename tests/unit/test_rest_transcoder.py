@@ -373,8 +373,8 @@ ROUTES = [
      {"echo.id": "q", "echo.inner": {"name": "n", "big": 0, "tags": ["t"], "color": "COLOR_UNSPECIFIED"}}),
     ("POST", "/v1/topics/t1:publish", b'{"id": "x", "inner": {"name": "ignored", "big": 7}}', 200,
      {"echo.id": "x", "echo.inner.name": "topics/t1", "echo.inner.big": 7}),
-    ("POST", "/v1/other/t1:publish", b"{}", 404, {"code": 5, "message": "Not Found"}),
-    ("POST", "/v1/topics/t1", b"{}", 404, {"code": 5, "message": "Not Found"}),
+    ("POST", "/v1/other/t1:publish", b"{}", 404, {"code": 5, "message": "Not Found: no route POST /v1/other/t1:publish; GET /docs lists the API"}),  # noqa: E501
+    ("POST", "/v1/topics/t1", b"{}", 404, {"code": 5, "message": "Not Found: no route POST /v1/topics/t1; GET /docs lists the API"}),  # noqa: E501
     ("GET", "/v1/files/a/b/c.txt", None, 200, ["a", "b", "c.txt"]),
     ("GET", "/v1/files/a%2Fb/c", None, 200, ["a%2Fb", "c"]),
     ("GET", "/v1/typed/a,b/true/GREEN/7/1970-01-01T00:00:01Z", None, 200,
@@ -388,16 +388,17 @@ ROUTES = [
     ("DELETE", "/v1/items/gone", None, 404, {"error": "no such item", "success": False}),
     ("SEARCH", "/v1/custom?id=s", None, 200, {"echo.id": "s"}),
     ("POST", "/memgw.testing.v1.EchoService/Unbound", b'{"id": "u"}', 200, {"echo.id": "u"}),
-    ("POST", "/monitoring/status", None, 405, {"code": 12, "message": "Method Not Allowed"}),
-    ("PUT", "/v1/items/x", None, 405, {"code": 12, "message": "Method Not Allowed"}),
-    ("GET", "/nothing/here", None, 404, {"code": 5, "message": "Not Found"}),
-    ("GET", "/monitoring/status/", None, 404, {"code": 5, "message": "Not Found"}),
+    ("POST", "/monitoring/status", None, 405, {"code": 12, "message": "Method Not Allowed: use GET for /monitoring/status"}),  # noqa: E501
+    ("PUT", "/v1/items/x", None, 405, {"message": "Method Not Allowed: use PATCH or DELETE for /v1/items/x"}),
+    ("GET", "/nothing/here", None, 404, {"code": 5, "message": "Not Found: no route GET /nothing/here; GET /docs lists the API"}),  # noqa: E501
+    ("GET", "/monitoring/status/", None, 200, {"status": "ok"}),  # upstream: trailing slash ignored
+    ("GET", "/Monitoring/STATUS", None, 200, {"status": "ok"}),  # upstream: case-insensitive,
     ("GET", "/v1/echo/%zz", None, 400, {"code": 3}),
     ("GET", "/v1/echo/%FF", None, 400, {"code": 3}),
     ("GET", "/", None, 200, {"service": "memphis-gateway"}),
     ("GET", "/metrics", None, 403, {"code": 7, "message": "metrics are private"}),
     ("GET", "/crash", None, 500, {"code": 13, "message": "internal error"}),
-    ("POST", "/", None, 405, {"code": 12, "message": "Method Not Allowed"}),
+    ("POST", "/", None, 405, {"code": 12, "message": "Method Not Allowed: use GET for /"}),
 ]  # fmt: skip
 
 
@@ -638,8 +639,10 @@ async def test_authorization_from_header_or_query(
     got, response_headers, body = await server.call("POST", path, b"x", headers)
     assert got == status
     if status == 401:
-        assert js(body) == {"message": "Unauthorized"}  # docs/rest-api.md: every 401 has this body
-        assert response_headers["WWW-Authenticate"] == "Bearer"
+        doc = js(body)  # docs/rest-api.md: every 401 has {"message": "Unauthorized"}, and says why
+        assert doc["message"] == "Unauthorized" and set(doc) == {"message", "reason"}
+        assert response_headers["WWW-Authenticate"].startswith("Bearer realm=")
+        assert doc["reason"] == "no token" or f'error_description="{doc["reason"]}"' in response_headers["WWW-Authenticate"]  # noqa: E501
 
 
 async def test_grpc_timeout(server: Server) -> None:
@@ -674,7 +677,10 @@ async def test_error_shapes(
     server: Server, method: str, path: str, body: bytes | None, headers: dict[str, str], status: int, expected: Any
 ) -> None:
     got, response_headers, data = await server.call(method, path, body, headers)
-    assert (got, js(data)) == (status, expected)
+    doc = js(data)
+    if status == 401:
+        assert isinstance(doc.pop("reason"), str)  # why, beside upstream's {"message": "Unauthorized"}
+    assert (got, doc) == (status, expected)
     assert response_headers["Content-Type"] == "application/json"
     assert ("WWW-Authenticate" in response_headers) == (status == 401)
 
@@ -762,7 +768,7 @@ async def test_cors_preflight(server: Server) -> None:
     assert headers["Access-Control-Allow-Methods"] == "POST, OPTIONS"
     assert headers["Access-Control-Allow-Headers"] == "authorization, content-type, x-custom"
     status, _, body = await server.call("OPTIONS", "/nothing", None, preflight)
-    assert (status, js(body)) == (404, {"code": 5, "message": "Not Found"})
+    assert (status, js(body)) == (404, {"code": 5, "message": "Not Found: no route OPTIONS /nothing; GET /docs lists the API"})  # noqa: E501
 
 
 async def test_cors_with_listed_origins() -> None:
@@ -810,7 +816,7 @@ async def test_server_stream_error_before_the_first_message(server: Server) -> N
     status, _, body = await server.call("GET", "/v1/watch/gone", None, AUTH)
     assert (status, js(body)) == (404, {"error": "no such watch", "success": False})
     status, _, body = await server.call("POST", "/stations/s/consume/stream", b"{}")
-    assert (status, js(body)) == (401, {"message": "Unauthorized"})
+    assert (status, js(body)["message"]) == (401, "Unauthorized")
 
 
 async def test_server_stream_lines_are_flushed_one_by_one(server: Server) -> None:

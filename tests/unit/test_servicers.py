@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 from google.api import httpbody_pb2
 from memgw.v1 import auth_pb2, consume_pb2, monitoring_pb2, produce_pb2
@@ -16,7 +18,8 @@ from gateway.servicers.monitoring import MonitoringService
 from gateway.servicers.produce import ProduceService
 from tests.unit.fakebroker import FakeBroker
 
-ROOT = Credentials(username="root", account_id=1, password="pw")
+PASSWORD = "T3st-secret-9z"  # distinctive: looked for in the token
+ROOT = Credentials(username="root", account_id=1, password=PASSWORD)
 
 
 def ctx(protocol: str = "rest") -> CallContext:
@@ -132,10 +135,11 @@ async def test_ack_needs_ids_and_counts_the_valid_ones(broker: FakeBroker) -> No
 
 async def test_authenticate_proves_the_credentials_and_seals_them() -> None:
     tokens = TokenService("s" * 40)
-    svc = AuthService(FakeBroker(), tokens, access_min=15, refresh_min=300)
-    reply = await svc.Authenticate(auth_pb2.AuthenticateRequest(username="root$1", password="pw"), ctx())
+    svc = AuthService(FakeBroker(passwords={"root": PASSWORD}), tokens, access_min=15, refresh_min=300)
+    reply = await svc.Authenticate(auth_pb2.AuthenticateRequest(username="root$1", password=PASSWORD), ctx())
     principal, creds = tokens.verify(reply.jwt, ACCESS)
-    assert creds == ROOT and principal.identity == "root$1" and b"pw" not in reply.jwt.encode()
+    payload = base64.urlsafe_b64decode(reply.jwt.split(".")[1] + "==")
+    assert creds == ROOT and principal.identity == "root$1" and PASSWORD.encode() not in payload
     assert tokens.verify(reply.jwt_refresh_token, REFRESH)[1] == ROOT
     with pytest.raises(Unauthenticated):
         await svc.Authenticate(auth_pb2.AuthenticateRequest(username="root", password="wrong"), ctx())

@@ -37,6 +37,7 @@ import re
 import sys
 import time
 import uuid
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +125,12 @@ KNOWN = frozenset(
 
 def upstream_tokens(values: Values, minutes: int = 60) -> dict[str, str]:
     """Tokens exactly as memphis-rest-gateway 1.2.8 issued them (handlers/auth.go createTokens, password mode)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", jwt.InsecureKeyLengthWarning)  # the compose's secrets are 16-24 bytes
+        return _upstream_tokens(values, minutes)
+
+
+def _upstream_tokens(values: Values, minutes: int) -> dict[str, str]:
     out: dict[str, str] = {}
     now = int(time.time())
     claims = {
@@ -203,7 +210,16 @@ async def replay(
     try:
         await obtain_tokens(session, base, values)
         mapping = values.mapping()
-        return [await send(session, base, e, mapping) for e in entries]
+        results = []
+        for e in entries:
+            result = await send(session, base, e, mapping)
+            results.append(result)
+            rotated = result.body.get("jwt_refresh_token") if isinstance(result.body, dict) else None
+            if result.status == 200 and rotated and e["path"].lower().startswith("/auth/refreshtoken"):
+                # a refresh token is single-use on this gateway: the next refresh uses the one just issued,
+                # as a client that keeps the refresh token it was last given does
+                mapping["REFRESH"] = rotated
+        return results
     finally:
         if own:
             await session.close()
@@ -242,6 +258,13 @@ def check(entry: Mapping[str, Any], result: Result, *, honour_differences: bool 
     body, headers = result.body, result.headers
     if "status" in expect and result.status != expect["status"]:
         out.append(f"status {result.status} != {expect['status']}")
+    if (
+        "json" in expect
+        and expect["json"] == {"message": "Unauthorized"}
+        and isinstance(body, dict)
+        and isinstance(body.get("reason"), str)
+    ):
+        body = {k: v for k, v in body.items() if k != "reason"}  # ours says why beside it: a deliberate addition
     if "json" in expect and body != expect["json"]:
         out.append(f"body {_short(body)} != {_short(expect['json'])}")
     if "json_keys" in expect:
