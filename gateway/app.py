@@ -48,7 +48,7 @@ from gateway.embedded.controlplane import ControlPlane
 from gateway.embedded.permissions import user_permissions
 from gateway.embedded.server import AccountLimits, EmbeddedBroker
 from gateway.management import management_servicers
-from gateway.pages import live_route, metrics_route, root_route
+from gateway.pages import docs_routes, live_route, metrics_route, root_route
 from gateway.rpc.call import Endpoint, build_endpoints
 from gateway.rpc.contract import SERVICES
 from gateway.rpc.grpc_server import build_grpc_server
@@ -300,6 +300,7 @@ class Gateway:
                 metrics_route(self.metrics, self.metrics_share.gather if self.metrics_share else None),
                 root_route(),
                 live_route(),
+                *docs_routes(),
                 openapi_route(self.endpoints),
             ),
         )
