@@ -34,7 +34,7 @@ import psutil
 import pytest
 from memgw.v1 import auth_pb2, auth_pb2_grpc, consume_pb2_grpc, produce_pb2_grpc
 
-from gateway.embedded import EmbeddedBroker
+from gateway.embedded.server import EmbeddedBroker
 
 REPO = Path(__file__).resolve().parents[3]
 ROOT_USER = "root"

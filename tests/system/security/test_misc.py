@@ -23,7 +23,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway.embedded import EmbeddedBroker
+from gateway.embedded.server import EmbeddedBroker
 from tests.system.security.conftest import (
     JWT_SECRET,
     ROOT_PASSWORD,
