@@ -109,6 +109,10 @@ def embedded_broker(s: Settings) -> EmbeddedBroker:
                           connection_token=s.connection_token if s.auth_mode == "token" else "")
 
 
+class PortInUse(RuntimeError):
+    """A listener's port cannot be bound; the message names the flag that changes it."""
+
+
 class Gateway:
     def __init__(self, settings: Settings) -> None:
         if not settings.jwt_secret:
@@ -194,9 +198,14 @@ class Gateway:
         self.endpoints = build_endpoints(SERVICES, servicers, guard, observer=self.metrics)
 
         self._grpc = build_grpc_server(
-            self.endpoints, self._health, max_message_bytes=s.max_body_bytes, idle_s=s.grpc_idle_s
+            self.endpoints, self._health, max_message_bytes=s.max_body_bytes, idle_s=s.grpc_idle_s,
+            reuse_port=s.workers > 1,
         )
-        grpc_port = self._grpc.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        try:
+            grpc_port = self._grpc.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        except RuntimeError as exc:
+            raise PortInUse(f"gRPC port {s.host}:{s.grpc_port} cannot be bound ({exc}): another program "
+                            "uses it? choose another with --grpc-port (MEMPHIS_GATEWAY_GRPC_PORT)") from None
         await self._grpc.start()
 
         handler = build_rest_handler(self.endpoints, self.rest_options())
@@ -206,7 +215,12 @@ class Gateway:
                                    keepalive_timeout=s.http_keepalive_s)
         await self._runner.setup()
         site = web.TCPSite(self._runner, s.host, s.http_port, reuse_port=s.workers > 1)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise PortInUse(f"REST port {s.host}:{s.http_port} cannot be bound ({exc.strerror}): another "
+                            "program uses it? choose another with --http-port (MEMPHIS_GATEWAY_HTTP_PORT, "
+                            "or HTTP_PORT)") from None
         http_port = self._runner.addresses[0][1]
 
         self._health_task = asyncio.create_task(self._watch_health())

@@ -297,9 +297,12 @@ class EmbeddedBroker:
         deadline = time.monotonic() + self.start_timeout
         while True:
             if self._proc.poll() is not None:
+                tail = self.log_tail()
+                hint = (f"; port {self.port} is in use: choose another with --broker-port "
+                        "(MEMPHIS_GATEWAY_BROKER_PORT)") if "address already in use" in tail else ""
                 raise BrokerError(
                     f"nats-server exited with code {self._proc.returncode} while starting "
-                    f"(port {self.port}, data in {self.data_dir}):\n{self.log_tail()}"
+                    f"(port {self.port}, data in {self.data_dir}){hint}:\n{tail}"
                 )
             output = self.log_path.read_bytes()
             if _READY in output:

@@ -98,12 +98,13 @@ def build_grpc_server(
     *,
     max_message_bytes: int,
     idle_s: float = 300.0,
+    reuse_port: bool = False,
 ) -> grpc.aio.Server:
     endpoints = list(endpoints)
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.so_reuseport", 1),
+        ("grpc.so_reuseport", 1 if reuse_port else 0),  # --workers share the port; else a clash is an error
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.max_connection_idle_ms", int(idle_s * 1000)),

@@ -74,3 +74,20 @@ def test_embedded_broker_with_the_development_password_refused_off_loopback(tmp_
     assert "MEMPHIS_GATEWAY_ROOT_PASSWORD_FILE" in proc.stderr and "refusing to start" in proc.stderr
     assert "--root-password on the command line is visible" in proc.stderr  # the flag warning, before it
     assert not (tmp_path / "data").exists()  # no broker was started
+
+
+def test_a_port_clash_names_the_flag_to_change(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for flag in ("--http-port", "--grpc-port", "--broker-port"):
+            ports = {f: str(free_port()) for f in ("--http-port", "--grpc-port", "--broker-port")}
+            ports[flag] = str(port)
+            proc = subprocess.run(
+                [sys.executable, "-m", "gateway", "serve", *(x for kv in ports.items() for x in kv),
+                 "--data-dir", str(tmp_path / flag.strip("-"))], capture_output=True, text=True, timeout=60)
+            assert proc.returncode != 0
+            assert flag in proc.stderr, proc.stderr[-2000:]
