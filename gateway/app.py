@@ -14,8 +14,9 @@ Stop, step by step (SIGTERM; ``python -m gateway`` exits at once on a second one
 4. the embedded nats-server gets SIGTERM (its store stays consistent).
 
 Slow and idle HTTP clients: a connection idle for ``http_keepalive_s`` (also before
-its first request) is closed by aiohttp; one whose response makes no progress for
-``http_send_timeout_s`` (a client that stopped reading) is aborted, which frees the
+its first request, and while a client trickles a request's headers) is closed by aiohttp; a
+body not all received within ``body_read_timeout_s`` is 408 and its connection closed; one
+whose response makes no progress for ``http_send_timeout_s`` (a client that stopped reading) is aborted, which frees the
 response buffered for it. Idle gRPC connections close after ``grpc_idle_s``.
 """
 
@@ -58,6 +59,10 @@ from gateway.transcoding.server import RestOptions, build_rest_handler, rest_run
 log = logging.getLogger("gateway")
 HEALTH_INTERVAL_S = 2.0
 SEND_CHECK_INTERVAL_S = 1.0
+# After answering a request whose body it did not read (401, 408, 413, 503), aiohttp reads and drops
+# what the client still sends for this long, so that the client sees the answer, then closes (its
+# default of 10 s let a refused client hold its connection that long).
+LINGER_S = 2.0
 CLOSE_BUDGET_S = 1.5  # after the drain: broker sessions, control plane, its connection (a third each)
 STOP_MARGIN_S = 1.9  # the whole stop takes at most drain_timeout_s + this (8 + 1.9 s by default)
 
@@ -114,7 +119,8 @@ class Gateway:
         servicers = [
             AuthService(self.broker, tokens, s.token_expiry_min, s.refresh_token_expiry_min),
             ProduceService(self.broker, s.max_batch_messages),
-            ConsumeService(self.broker, s.max_consume_batch, s.max_consume_wait_ms, s.max_body_bytes),
+            ConsumeService(self.broker, s.max_consume_batch, s.max_consume_wait_ms, s.max_consume_bytes,
+                           s.max_body_bytes),
             MonitoringService(self.broker),
         ]
         guard = Guard(
@@ -126,7 +132,8 @@ class Gateway:
         self.endpoints = build_endpoints(SERVICES, servicers, guard, observer=self.metrics)
 
         self._grpc = build_grpc_server(
-            self.endpoints, self._health, max_message_bytes=s.max_body_bytes, idle_s=s.grpc_idle_s
+            self.endpoints, self._health, max_message_bytes=s.max_body_bytes, idle_s=s.grpc_idle_s,
+            max_streams=s.grpc_max_streams, max_age_s=s.grpc_max_connection_age_s,
         )
         grpc_port = self._grpc.add_insecure_port(f"{s.host}:{s.grpc_port}")
         await self._grpc.start()
@@ -135,7 +142,7 @@ class Gateway:
         # aiohttp waits shutdown_timeout for handlers, then (after cancelling only their body
         # reads) up to shutdown_timeout again before cancelling them: half the drain each.
         self._runner = rest_runner(handler, shutdown_timeout=s.drain_timeout_s / 2,
-                                   keepalive_timeout=s.http_keepalive_s)
+                                   keepalive_timeout=s.http_keepalive_s, lingering_time=LINGER_S)
         await self._runner.setup()
         site = web.TCPSite(self._runner, s.host, s.http_port, reuse_port=s.workers > 1)
         await site.start()
@@ -222,6 +229,8 @@ class Gateway:
             cors_origins=s.cors_origins,
             max_body_bytes=s.max_body_bytes,
             request_timeout_s=s.request_timeout_s,
+            body_read_timeout_s=s.body_read_timeout_s,
+            max_inflight_body_bytes=s.max_inflight_body_bytes,
             extra_routes=(metrics_route(self.metrics), root_route(), openapi_route(self.endpoints)),
         )
 

@@ -48,6 +48,7 @@ class CallContext:
     # Response metadata the servicer wants sent (gRPC initial metadata / HTTP headers).
     response_headers: dict[str, str] = field(default_factory=dict)
     expired: bool = False  # the deadline passed and the call was cancelled for it
+    admitted: bool = False  # Endpoint.admit ran ahead of the call (REST: before reading the body)
     _peer: str | None = field(default=None, repr=False)
 
     @property
@@ -108,6 +109,30 @@ class Endpoint:
         object.__setattr__(self, "server_streaming", bool(self.method.server_streaming))
 
 
+    def admit(self, ctx: CallContext) -> float:
+        """Admission ahead of the call; ``unary`` and ``server_stream`` then skip it.
+
+        REST admits before it reads a body, so a caller without a valid token (or over its
+        limits) is refused before it can make the gateway hold its bytes. A refusal is logged
+        and counted here. Returns the time the call started, for :meth:`abandon`."""
+        started = time.monotonic()
+        try:
+            self.guard.admit(self, ctx)
+        except BaseException as exc:
+            self._finish(ctx, _code_of(exc), started)
+            raise
+        ctx.admitted = True
+        return started
+
+    def abandon(self, ctx: CallContext, exc: BaseException, started: float) -> None:
+        """An admitted call that never reached ``unary``/``server_stream`` (its body could not be read)."""
+        self._finish(ctx, _code_of(exc), started)
+
+    def charge(self, ctx: CallContext, nbytes: int) -> None:
+        """Charge bytes learnt after admission (a chunked body) to the caller's bytes/s limit."""
+        if self.guard.meters_bytes:
+            self.guard.charge(ctx, nbytes)
+
     async def unary(self, request: Any, ctx: CallContext) -> Message:
         """Unary and client-streaming calls (request is an async iterator for the latter).
 
@@ -116,7 +141,8 @@ class Endpoint:
         started = time.monotonic()
         code = "OK"
         try:
-            self.guard.admit(self, ctx)
+            if not ctx.admitted:
+                self.guard.admit(self, ctx)
             if self.client_streaming and self.guard.meters_bytes:
                 request = self._metered(request, ctx)
             if ctx.deadline is None:
@@ -151,7 +177,8 @@ class Endpoint:
         started = time.monotonic()
         code = "OK"
         try:
-            self.guard.admit(self, ctx)
+            if not ctx.admitted:
+                self.guard.admit(self, ctx)
             async for response in self.handler(request, ctx):
                 yield response
         except BaseException as exc:
