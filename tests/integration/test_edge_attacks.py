@@ -28,7 +28,8 @@ import h2.events
 import pytest
 from memgw.v1 import auth_pb2, consume_pb2, produce_pb2
 
-from tests.conftest import ROOT_PASSWORD, ROOT_USER
+from gateway.broker.natsutil import pull
+from tests.conftest import ROOT_PASSWORD, ROOT_USER, connect_root
 from tests.harness import Clients, bearer, running_gateway, settings_for
 
 MAX_BATCH = 10
@@ -378,3 +379,31 @@ async def test_account_id_in_the_query_string_still_works(gw: Clients) -> None:
     assert status == 200 and answer["jwt"], answer
     reply = await gw.auth.Authenticate(auth_pb2.AuthenticateRequest(username=ROOT_USER, password=ROOT_PASSWORD))
     assert reply.jwt
+
+
+async def test_a_pull_is_bounded_by_bytes(nats_server) -> None:
+    """The broker sends at most max_bytes per pull (nats-py's fetch cannot ask: it took the whole
+    batch, 40 x 7 MB, which tripped nats-server's slow-consumer limit); nothing is lost."""
+    nc = await connect_root(nats_server)
+    js = nc.jetstream()
+    name = f"pull-{uuid.uuid4().hex[:8]}"
+    try:
+        await js.add_stream(name=name, subjects=[f"{name}.>"])
+        for i in range(10):
+            await js.publish(f"{name}.x", bytes([65 + i]) * 1_000_000)
+        psub = await js.pull_subscribe(f"{name}.>", durable="d", stream=name)
+        first = await pull(psub, 10, 3_100_000, 2.0)
+        rest: list[Any] = []
+        for _ in range(10):
+            if len(first) + len(rest) >= 10:
+                break
+            rest += await pull(psub, 10, 3_100_000, 0.5)
+        print(f"\n[pull of 10 x 1 MB with max_bytes 3.1 MB] first pull {len(first)} messages, "
+              f"then {len(rest)} in later pulls")
+        assert 1 <= len(first) <= 3
+        assert [m.data[:1] for m in first + rest] == [bytes([65 + i]) for i in range(10)]
+        for m in first + rest:
+            await m.ack()
+    finally:
+        await js.delete_stream(name)
+        await nc.close()
