@@ -29,6 +29,7 @@ from gateway.transcoding.requests import (
     ndjson_lines,
     read_body,
     request_headers,
+    send_continue,
 )
 from gateway.transcoding.responses import JSON, NDJSON, encoder, error_response
 
@@ -64,8 +65,11 @@ def forwarder(b: Binding, *, limit: int, timeout: float, body_timeout: float, bu
                 protocol="rest", metadata=metadata, peer_of=lambda: request.remote,
                 deadline=call_deadline(metadata, deadline_s),
             )
+            expects = "Expect" in request.headers
             if client_streaming:
                 endpoint.admit(ctx)
+                if expects:
+                    await send_continue(request)
                 frames = (b.decode_frame(line) async for line in ndjson_lines(request, limit, body_timeout))
                 reply = await endpoint.unary(frames, ctx)
             else:
@@ -73,6 +77,8 @@ def forwarder(b: Binding, *, limit: int, timeout: float, body_timeout: float, bu
                 ctx.request_bytes = declared or 0  # for the Guard's byte-rate limit
                 started = endpoint.admit(ctx)
                 try:
+                    if expects and has_body:
+                        await send_continue(request)
                     data = await read_body(request, limit, budget, body_timeout) if has_body else b""
                     held = len(data)
                     if declared is None and data:

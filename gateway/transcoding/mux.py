@@ -22,7 +22,7 @@ from gateway.transcoding.bindings import build_bindings
 from gateway.transcoding.cors import Cors
 from gateway.transcoding.forward import Serve, forwarder
 from gateway.transcoding.pathtemplate import MalformedPathError, PathTemplate, compile_template, split_path, unescape
-from gateway.transcoding.requests import BodyBudget, expect
+from gateway.transcoding.requests import BodyBudget, expect, send_continue
 from gateway.transcoding.responses import error_response
 from gateway.transcoding.routes import ExtraRoute
 
@@ -82,9 +82,9 @@ class Mux:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         if "Expect" in request.headers:
-            expected = await expect(request)
-            if expected is not None:
-                return expected
+            refused = expect(request)
+            if refused is not None:
+                return refused
         cors = self.cors.headers(request)
         raw = request.raw_path
         if not raw.startswith("/"):  # absolute-form request target
@@ -137,6 +137,8 @@ class Mux:
             request: web.BaseRequest, params: Mapping[str, str], _qs: str, cors: dict[str, str]
         ) -> web.StreamResponse:
             try:
+                if "Expect" in request.headers:
+                    await send_continue(request)
                 resp = await route.handler(request, params)
             except GatewayError as err:
                 return error_response(err, 0, cors)

@@ -193,17 +193,22 @@ async def ndjson_lines(request: web.BaseRequest, limit: int, idle_s: float) -> A
         yield bytes(buf)
 
 
-async def expect(request: web.BaseRequest) -> web.StreamResponse | None:
-    """``Expect: 100-continue`` as aiohttp does; any other expectation 417 in JSON.
+def expect(request: web.BaseRequest) -> web.StreamResponse | None:
+    """``Expect``: None for ``100-continue`` (answered by :func:`send_continue` once the request
+    is admitted), otherwise a 417 in JSON.
 
     aiohttp's own handler echoes the header into a text/plain 417, and answers 500 when the value
     holds non-UTF-8 bytes."""
-    if request.version != HttpVersion11:
-        return None
-    if request.headers.get("Expect", "").lower() == "100-continue":
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        request.writer.output_size = 0  # the body has not started
+    if request.version != HttpVersion11 or request.headers.get("Expect", "").lower() == "100-continue":
         return None
     err = GatewayError("Expectation Failed: only 100-continue is supported", http_status=417,
                        code=grpc.StatusCode.FAILED_PRECONDITION)
     return error_response(err, 0)
+
+
+async def send_continue(request: web.BaseRequest) -> None:
+    """``100 Continue`` if the client waits for it: only once the route is known and the call
+    admitted, so a client that would be refused is told so before it sends its body."""
+    if request.version == HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the body has not started

@@ -199,6 +199,23 @@ async def test_no_token_is_refused_before_the_body_is_read(gw: Clients) -> None:
     assert status == 404
 
 
+async def test_100_continue_only_once_admitted(gw: Clients, token: str) -> None:
+    """A client that waits for ``100 Continue`` is told 401 instead when it has no valid token."""
+    path = f"/stations/{station()}/produce/single"
+    for auth, first in ((None, b"HTTP/1.1 401"), (token, b"HTTP/1.1 100 Continue")):
+        head = post_head(path, 2, auth).replace(b"\r\n\r\n", b"\r\nExpect: 100-continue\r\n\r\n")
+        reader, writer = await raw_request(gw, head)
+        try:
+            line = await asyncio.wait_for(reader.readline(), 3.0)
+            assert line.startswith(first), line
+            if auth:
+                writer.write(b"ok")
+                await reader.readline()
+                assert (await asyncio.wait_for(reader.readline(), 3.0)).startswith(b"HTTP/1.1 200"), line
+        finally:
+            writer.close()
+
+
 async def test_a_trickled_body_is_408_after_the_body_deadline(gw: Clients, token: str) -> None:
     """Before: no deadline on reading a body; a client sending a byte now and then held its connection for good."""
     path = f"/stations/{station()}/produce/batch"
