@@ -14,8 +14,9 @@ Stop, step by step (SIGTERM; ``python -m gateway`` exits at once on a second one
 4. the embedded nats-server gets SIGTERM (its store stays consistent).
 
 Slow and idle HTTP clients: a connection idle for ``http_keepalive_s`` (also before
-its first request) is closed by aiohttp; one whose response makes no progress for
-``http_send_timeout_s`` (a client that stopped reading) is aborted, which frees the
+its first request, and while a client trickles a request's headers) is closed by aiohttp; a
+body not all received within ``body_read_timeout_s`` is 408 and its connection closed; one
+whose response makes no progress for ``http_send_timeout_s`` (a client that stopped reading) is aborted, which frees the
 response buffered for it. Idle gRPC connections close after ``grpc_idle_s``.
 """
 
@@ -66,6 +67,10 @@ from gateway.transcoding.server import RestOptions, build_rest_handler, rest_run
 log = logging.getLogger("gateway")
 HEALTH_INTERVAL_S = 2.0
 SEND_CHECK_INTERVAL_S = 1.0
+# After answering a request whose body it did not read (401, 408, 413, 503), aiohttp reads and drops
+# what the client still sends for this long, so that the client sees the answer, then closes (its
+# default of 10 s let a refused client hold its connection that long).
+LINGER_S = 2.0
 CLOSE_BUDGET_S = 1.5  # after the drain: broker sessions, control plane, its connection (a third each)
 DEV_ENV_PUBLIC = "/memgw.v1.MonitoringService/GetResourcesUtilization"  # upstream's DEV_ENV route, no token
 STOP_MARGIN_S = 1.9  # the whole stop takes at most drain_timeout_s + this (8 + 1.9 s by default)
@@ -181,7 +186,8 @@ class Gateway:
                         LoginThrottle(s.login_failures_per_user_per_min, s.login_failures_per_address_per_min),
                         max_min=s.max_token_expiry_min, mode=s.auth_mode),
             ProduceService(self.broker, s.max_batch_messages),
-            ConsumeService(self.broker, s.max_consume_batch, s.max_consume_wait_ms, s.max_body_bytes),
+            ConsumeService(self.broker, s.max_consume_batch, s.max_consume_wait_ms, s.max_consume_bytes,
+                           s.max_body_bytes),
             MonitoringService(self.broker),
             UserService(self.directory),
             ApiKeyService(self.directory),
@@ -200,6 +206,7 @@ class Gateway:
         self._grpc = build_grpc_server(
             self.endpoints, self._health, max_message_bytes=s.max_body_bytes, idle_s=s.grpc_idle_s,
             reuse_port=s.workers > 1,
+            max_streams=s.grpc_max_streams, max_age_s=s.grpc_max_connection_age_s,
         )
         try:
             grpc_port = self._grpc.add_insecure_port(f"{s.host}:{s.grpc_port}")
@@ -212,7 +219,7 @@ class Gateway:
         # aiohttp waits shutdown_timeout for handlers, then (after cancelling only their body
         # reads) up to shutdown_timeout again before cancelling them: half the drain each.
         self._runner = rest_runner(handler, shutdown_timeout=s.drain_timeout_s / 2,
-                                   keepalive_timeout=s.http_keepalive_s)
+                                   keepalive_timeout=s.http_keepalive_s, lingering_time=LINGER_S)
         await self._runner.setup()
         site = web.TCPSite(self._runner, s.host, s.http_port, reuse_port=s.workers > 1)
         try:
@@ -310,6 +317,8 @@ class Gateway:
             cors_origins=s.cors_origins,
             max_body_bytes=s.max_body_bytes,
             request_timeout_s=s.request_timeout_s,
+            body_read_timeout_s=s.body_read_timeout_s,
+            max_inflight_body_bytes=s.max_inflight_body_bytes,
             extra_routes=(
                 metrics_route(self.metrics, self.metrics_share.gather if self.metrics_share else None),
                 root_route(),

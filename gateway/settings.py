@@ -115,9 +115,20 @@ class Settings:
     cors_origins: tuple[str, ...] = field(default=("*",), metadata={"help": "allowed CORS origins, comma separated"})
     request_timeout_s: float = field(default=30.0, metadata={"help": "deadline of a REST request or unary RPC (s)"})
     max_body_bytes: int = field(default=8 * 1024 * 1024, metadata={"help": "largest request body (bytes)"})
+    body_read_timeout_s: float = field(
+        default=10.0, metadata={"help": "a REST body not all received by then: 408, connection closed (s)"}
+    )
+    max_inflight_body_bytes: int = field(
+        default=64 * 1024 * 1024,
+        metadata={"help": "REST request body bytes held at once across all requests; beyond: 503 + Retry-After"},
+    )
     max_batch_messages: int = field(default=5000, metadata={"help": "most messages in one produce batch"})
     max_consume_batch: int = field(default=5000, metadata={"help": "largest consume batch_size"})
     max_consume_wait_ms: int = field(default=60000, metadata={"help": "largest batch_max_wait_time_ms"})
+    max_consume_bytes: int = field(
+        default=32 * 1024 * 1024,
+        metadata={"help": "largest consume answer (bytes; gRPC also max_body_bytes); the rest waits for the next call"},
+    )
     max_streams_per_user: int = field(default=16, metadata={"help": "concurrent streaming calls per user"})
     rate_limit_rps: float = field(default=0.0, metadata={"help": "requests/s per user (0: off); 429 beyond"})
     rate_limit_bytes_per_s: float = field(default=0.0, metadata={"help": "request bytes/s per user (0: off)"})
@@ -132,6 +143,13 @@ class Settings:
         default=30.0, metadata={"help": "abort an HTTP connection whose client reads nothing for this long (s)"}
     )
     grpc_idle_s: float = field(default=300.0, metadata={"help": "close idle gRPC connections after (s)"})
+    grpc_max_streams: int = field(
+        default=100, metadata={"help": "concurrent calls (HTTP/2 streams) on one gRPC connection"}
+    )
+    grpc_max_connection_age_s: float = field(
+        default=3600.0,
+        metadata={"help": "close a gRPC connection after this long (with a grace period for its calls) (s)"},
+    )
     drain_timeout_s: float = field(default=8.0, metadata={"help": "on SIGTERM, time given to calls in flight (s)"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
 
@@ -246,11 +264,14 @@ def _validate(s: Settings) -> None:
     positive = (
         "workers", "max_streams_per_user", "broker_timeout_s", "token_expiry_min", "refresh_token_expiry_min",
         "request_timeout_s", "max_body_bytes", "max_batch_messages", "max_consume_batch", "max_consume_wait_ms",
-        "session_idle_s", "http_keepalive_s", "http_send_timeout_s",
+        "session_idle_s", "http_keepalive_s", "http_send_timeout_s", "body_read_timeout_s", "max_inflight_body_bytes",
+        "max_consume_bytes", "grpc_max_streams", "grpc_max_connection_age_s",
     )
     for name in positive:
         if getattr(s, name) <= 0:
             raise SettingsError(f"{name}: must be positive")
+    if s.max_inflight_body_bytes < s.max_body_bytes:
+        raise SettingsError("max_inflight_body_bytes: must be at least max_body_bytes")
     if s.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise SettingsError("log_level: must be DEBUG, INFO, WARNING or ERROR")
     if s.auth_mode not in AUTH_MODES:

@@ -39,7 +39,8 @@ class Guard:
         self._requests = TokenBuckets(requests_per_s, requests_per_s) if requests_per_s > 0 else None
         self._bytes = TokenBuckets(bytes_per_s, bytes_per_s) if bytes_per_s > 0 else None
 
-    def admit(self, endpoint: Endpoint, ctx: CallContext, request: Any = None) -> None:
+    def admit(self, endpoint: Endpoint, ctx: CallContext) -> None:
+        """Who calls (token or API key), within their limits; the station is checked by ``authorize``."""
         if endpoint.public or endpoint.full_name in self._also_public:
             return
         header = ctx.metadata.get("authorization")
@@ -54,15 +55,6 @@ class Guard:
             log.info("refused %s %s from %s: %s", ctx.protocol, endpoint.full_name, ctx.peer or "-", exc.reason)
             raise
         ctx.authorizer = access.check
-        if endpoint.action:
-            station = getattr(request, endpoint.station_field, "") if endpoint.station_field else ""
-            if endpoint.station_field or not endpoint.client_streaming:
-                try:
-                    access.check(endpoint.action, station.lower())
-                except PermissionDenied as exc:
-                    log.info("denied %s %s from %s: %s", ctx.protocol, endpoint.full_name, ctx.peer or "-",
-                             exc.message)
-                    raise
         ctx.principal = principal
         session = principal.identity
         if self._requests is not None or self._bytes is not None:
@@ -72,6 +64,19 @@ class Guard:
                 ctx.principal = None  # nothing to release
                 raise ResourceExhausted(f"at most {self._max_streams} concurrent streams per user")
             self._streams[session] += 1
+
+    def authorize(self, endpoint: Endpoint, ctx: CallContext, request: Any) -> None:
+        """May the admitted caller do ``endpoint.action`` to the request's station? PermissionDenied if not.
+
+        A client stream names its stations frame by frame: the servicer checks each (``ctx.authorize``)."""
+        if not endpoint.action or ctx.authorizer is None or (endpoint.client_streaming and not endpoint.station_field):
+            return
+        station = getattr(request, endpoint.station_field, "") if endpoint.station_field else ""
+        try:
+            ctx.authorizer(endpoint.action, station.lower())
+        except PermissionDenied as exc:
+            log.info("denied %s %s from %s: %s", ctx.protocol, endpoint.full_name, ctx.peer or "-", exc.message)
+            raise
 
     def _limit_rate(self, session: str, ctx: CallContext) -> None:
         wait = self._requests.take(session) if self._requests is not None else 0.0

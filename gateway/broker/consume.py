@@ -18,7 +18,7 @@ import nats.errors
 import nats.js.errors
 
 from gateway.broker.ackid import AckIds
-from gateway.broker.natsutil import DOWN, DOWN_SHORT, RETRY_AFTER_S, ping, unless_lost
+from gateway.broker.natsutil import DOWN, DOWN_SHORT, RETRY_AFTER_S, ping, pull, unless_lost
 from gateway.broker.sdk import sdk_call
 from gateway.broker.seam import ConsumerSpec, InMessage
 from gateway.broker.sessions import Group, Session, SessionPool
@@ -62,9 +62,11 @@ class Consuming:
             try:
                 carried = take_carried(group, batch_size, time.monotonic())  # beyond what an answer held
                 msgs = [msg for _, msg in carried]
-                if len(msgs) < batch_size:
+                full = bool(spec.max_bytes) and _size(msgs) >= spec.max_bytes
+                if len(msgs) < batch_size and not full:
                     wait = deadline - time.monotonic() if not msgs else 0.01
-                    fetched = await self._fetch(session, group, batch_size - len(msgs), wait)
+                    room = _pull_bytes(session, spec.max_bytes, msgs)
+                    fetched = await self._fetch(session, group, batch_size - len(msgs), wait, room)
                     now = time.monotonic()
                     carried += [(now, msg) for msg in fetched]
                     msgs += fetched
@@ -118,7 +120,9 @@ class Consuming:
         subscriptions = [consumer.subscriptions[p] for p in sorted(consumer.subscriptions)]
         return Group(consumer=consumer, subscriptions=subscriptions)
 
-    async def _fetch(self, session: Session, group: Group, batch_size: int, max_wait_s: float) -> list[Any]:
+    async def _fetch(
+        self, session: Session, group: Group, batch_size: int, max_wait_s: float, max_bytes: int
+    ) -> list[Any]:
         if not session.nc.is_connected:
             raise Unavailable(DOWN, retry_after=RETRY_AFTER_S)
         lost = session.lost()
@@ -133,7 +137,10 @@ class Consuming:
             group.next_partition += 1
             wait = remaining if len(subs) == 1 else max(remaining / len(subs), 0.05)
             try:  # the connection dropped: what was delivered will be delivered again
-                out.extend(await unless_lost(sub.fetch(batch_size - len(out), timeout=min(wait, remaining)), lost))
+                got = await unless_lost(pull(sub, batch_size - len(out), max_bytes, min(wait, remaining)), lost)
+                out.extend(got)
+                if max_bytes and got:  # the next partition's pull gets what room is left
+                    max_bytes = max(max_bytes - _size(got), _largest_message(session))
             except (TimeoutError, nats.errors.TimeoutError):
                 continue
             except (nats.errors.ConnectionClosedError, nats.errors.NoRespondersError,
@@ -221,6 +228,23 @@ def take_carried(group: Group, n: int, now: float) -> list[tuple[float, Any]]:
     taken = group.carry[:n]
     del group.carry[:n]
     return taken
+
+def _largest_message(session: Session) -> int:
+    """The largest message the broker accepts (its max_payload), plus room for the delivery subject."""
+    return int(getattr(session.nc, "max_payload", 0) or 64 * 1024 * 1024) + 4096
+
+
+def _pull_bytes(session: Session, max_bytes: int, have: list[Any]) -> int:
+    """The max_bytes of a pull: the room an answer has left, but never less than the largest
+    message (nats-server would never deliver a message bigger than a pull's max_bytes)."""
+    if not max_bytes:
+        return 0
+    return max(max_bytes - _size(have), _largest_message(session))
+
+
+def _size(msgs: list[Any]) -> int:
+    return sum(len(m.data) + MESSAGE_OVERHEAD + sum(len(k) + len(v) for k, v in (m.headers or {}).items())
+               for m in msgs)
 
 
 def _fit(msgs: list[Any], max_bytes: int) -> tuple[list[Any], list[Any]]:

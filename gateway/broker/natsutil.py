@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
+import time
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import nats
+import nats.js.errors
 
 from gateway.core.deadlines import timeout
 from gateway.core.errors import Unauthenticated, Unavailable
@@ -122,3 +125,58 @@ async def probe(host: str, port: int, seconds: float) -> str | None:
     except OSError as exc:
         return exc.strerror or type(exc).__name__
     return None if line.startswith(b"INFO ") else "not a NATS server"
+
+
+PULL_GRACE_S = 0.25  # beyond its expiry, how long a pull waits for the broker's closing status
+_PULL_ENDED = ("404", "408", "409")  # no messages, request expired, request ended (max_bytes reached, ...)
+
+
+async def pull(psub: Any, batch: int, max_bytes: int, wait_s: float) -> list[Any]:
+    """One pull request of a JetStream pull subscription for at most ``batch`` messages and
+    ``max_bytes`` bytes (0: no limit), waiting up to ``wait_s`` for them.
+
+    nats-py's ``fetch()`` cannot say ``max_bytes``, so a fetch of large messages made nats-server
+    push batch x size bytes at once down the user's connection: 40 x 7 MB tripped its
+    slow-consumer limit and it cut the connection every call of that user shares. Messages
+    left in the subscription's queue by an earlier request come first. ``max_bytes`` must exceed
+    the largest message (the broker would otherwise refuse to deliver it, for good)."""
+    sub = psub._sub
+    queue = sub._pending_queue
+    out: list[Any] = []
+    while not queue.empty() and len(out) < batch:
+        msg = queue.get_nowait()
+        queue.task_done()  # (a subscription's drain waits for every message to be done)
+        sub._pending_size -= len(msg.data)
+        if not (msg.headers and msg.headers.get("Status")):  # a leftover status ended an earlier request
+            out.append(msg)
+    if len(out) >= batch:
+        return out
+    request: dict[str, Any] = {"batch": batch - len(out)}
+    if max_bytes:
+        request["max_bytes"] = max_bytes
+    expires_ns = int(wait_s * 1e9) - 100_000
+    if out or expires_ns <= 1_000_000:
+        request["no_wait"] = True
+    else:
+        request["expires"] = expires_ns
+    await psub._nc.publish(psub._nms, json.dumps(request).encode(), psub._deliver)
+    loop_deadline = time.monotonic() + (0.0 if "no_wait" in request else wait_s) + PULL_GRACE_S
+    while len(out) < batch:
+        remaining = loop_deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        try:
+            async with timeout(remaining):
+                msg = await queue.get()
+        except TimeoutError:
+            break
+        queue.task_done()
+        sub._pending_size -= len(msg.data)
+        status = msg.headers.get("Status") if msg.headers else None
+        if not status:
+            out.append(msg)
+        elif status in _PULL_ENDED:
+            break
+        elif status != "100":  # heartbeats are skipped
+            raise nats.js.errors.APIError.from_msg(msg)
+    return out

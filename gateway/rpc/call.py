@@ -50,6 +50,7 @@ class CallContext:
     expired: bool = False  # the deadline passed and the call was cancelled for it
     # the caller's rights, set at admission: (action, station) -> None or PermissionDenied
     authorizer: Callable[[str, str], None] | None = field(default=None, repr=False)
+    admitted: bool = False  # Endpoint.admit ran ahead of the call (REST: before reading the body)
     _peer: str | None = field(default=None, repr=False)
 
     @property
@@ -78,12 +79,16 @@ class CallContext:
 
 
 class Guard(Protocol):
-    """Cross-cutting admission: authentication and limits, for both protocols.
+    """Cross-cutting admission: authentication and limits, then authorization, for both protocols.
 
-    ``admit`` is synchronous: it runs on every call, and checking a (cached) token and a
-    token bucket never waits for anything."""
+    ``admit`` (who calls, within their limits) may run before the request exists (REST admits
+    before it reads a body); ``authorize`` (may they do this to the request's station) runs once the
+    request is built. Both are synchronous: a (cached) token, a token bucket and a pattern match
+    never wait for anything."""
 
-    def admit(self, endpoint: Endpoint, ctx: CallContext, request: Any = None) -> None: ...
+    def admit(self, endpoint: Endpoint, ctx: CallContext) -> None: ...
+
+    def authorize(self, endpoint: Endpoint, ctx: CallContext, request: Any) -> None: ...
 
     @property
     def meters_bytes(self) -> bool: ...
@@ -121,6 +126,30 @@ class Endpoint:
         object.__setattr__(self, "server_streaming", bool(self.method.server_streaming))
 
 
+    def admit(self, ctx: CallContext) -> float:
+        """Admission ahead of the call; ``unary`` and ``server_stream`` then skip it.
+
+        REST admits before it reads a body, so a caller without a valid token (or over its
+        limits) is refused before it can make the gateway hold its bytes. A refusal is logged
+        and counted here. Returns the time the call started, for :meth:`abandon`."""
+        started = time.monotonic()
+        try:
+            self.guard.admit(self, ctx)
+        except BaseException as exc:
+            self._finish(ctx, _code_of(exc), started)
+            raise
+        ctx.admitted = True
+        return started
+
+    def abandon(self, ctx: CallContext, exc: BaseException, started: float) -> None:
+        """An admitted call that never reached ``unary``/``server_stream`` (its body could not be read)."""
+        self._finish(ctx, _code_of(exc), started)
+
+    def charge(self, ctx: CallContext, nbytes: int) -> None:
+        """Charge bytes learnt after admission (a chunked body) to the caller's bytes/s limit."""
+        if self.guard.meters_bytes:
+            self.guard.charge(ctx, nbytes)
+
     async def unary(self, request: Any, ctx: CallContext) -> Message:
         """Unary and client-streaming calls (request is an async iterator for the latter).
 
@@ -129,7 +158,9 @@ class Endpoint:
         started = time.monotonic()
         code = "OK"
         try:
-            self.guard.admit(self, ctx, request)
+            if not ctx.admitted:
+                self.guard.admit(self, ctx)
+            self.guard.authorize(self, ctx, request)
             if self.client_streaming and self.guard.meters_bytes:
                 request = self._metered(request, ctx)
             if ctx.deadline is None:
@@ -164,7 +195,9 @@ class Endpoint:
         started = time.monotonic()
         code = "OK"
         try:
-            self.guard.admit(self, ctx, request)
+            if not ctx.admitted:
+                self.guard.admit(self, ctx)
+            self.guard.authorize(self, ctx, request)
             async for response in self.handler(request, ctx):
                 yield response
         except BaseException as exc:

@@ -99,9 +99,19 @@ def build_grpc_server(
     max_message_bytes: int,
     idle_s: float = 300.0,
     reuse_port: bool = False,
+    max_streams: int = 100,
+    max_age_s: float = 3600.0,
 ) -> grpc.aio.Server:
+    """The server; ``max_streams`` bounds the concurrent calls (HTTP/2 streams) of one connection:
+    beyond it, grpc core refuses new streams (REFUSED_STREAM) instead of holding each one, which
+    is what let one connection hold 20,000 header-only streams. Connections live at most
+    ``max_age_s`` (then get a GOAWAY and ``max_age_s / 10``, at most 60 s, to finish their calls)
+    and close after ``idle_s`` without calls."""
     endpoints = list(endpoints)
     options = [
+        ("grpc.max_concurrent_streams", max_streams),
+        ("grpc.max_connection_age_ms", int(max_age_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(min(max_age_s / 10, 60.0) * 1000)),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.so_reuseport", 1 if reuse_port else 0),  # --workers share the port; else a clash is an error

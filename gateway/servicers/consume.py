@@ -105,11 +105,16 @@ def consumed_one(m: InMessage) -> consume_pb2.ConsumedMessage:
 class ConsumeService:
     SERVICE = "memgw.v1.ConsumeService"
 
-    def __init__(self, broker: Broker, max_batch: int, max_wait_ms: int, max_answer_bytes: int = 0) -> None:
+    def __init__(
+        self, broker: Broker, max_batch: int, max_wait_ms: int, max_answer_bytes: int = 0, max_message_bytes: int = 0
+    ) -> None:
         self._broker = broker
         self._max_batch = max_batch
         self._max_wait_ms = max_wait_ms
-        self._max_bytes = max_answer_bytes  # an answer must fit the gRPC message limit
+        self._max_bytes = max_answer_bytes  # every answer, REST or gRPC (0: no limit)
+        # a gRPC answer must also fit the gRPC message limit
+        self._max_grpc_bytes = min(b for b in (max_answer_bytes, max_message_bytes) if b) if (
+            max_answer_bytes or max_message_bytes) else 0
 
     async def ConsumeBatch(
         self, request: consume_pb2.ConsumeBatchRequest, ctx: CallContext
@@ -171,8 +176,9 @@ class ConsumeService:
                 yield consume_pb2.ConsumeEventsResponse(id=cursor_text(cursor), message=reply)
 
     def _answer_limit(self, ctx: CallContext) -> int:
-        """gRPC answers cannot exceed the message limit; REST answers are streamed to the socket."""
-        return self._max_bytes if ctx.protocol == "grpc" else 0
+        """The most bytes of messages one answer holds: a REST answer is buffered whole (and its
+        fetch passes through the user's broker connection), a gRPC one cannot pass the message limit."""
+        return self._max_grpc_bytes if ctx.protocol == "grpc" else self._max_bytes
 
     def _batch_size(self, size: int) -> int:
         if not 1 <= size <= self._max_batch:

@@ -23,7 +23,15 @@ from google.protobuf.message import Message
 from gateway.core.errors import GatewayError, Internal
 from gateway.rpc.call import CallContext
 from gateway.transcoding.bindings import Binding
-from gateway.transcoding.requests import call_deadline, malformed, ndjson_lines, read_body, request_headers
+from gateway.transcoding.requests import (
+    BodyBudget,
+    call_deadline,
+    malformed,
+    ndjson_lines,
+    read_body,
+    request_headers,
+    send_continue,
+)
 from gateway.transcoding.responses import JSON, NDJSON, encoder, error_response
 
 log = logging.getLogger("gateway.rest")
@@ -33,10 +41,12 @@ SSE = "text/event-stream"
 Serve = Callable[[web.BaseRequest, Mapping[str, str], str, dict[str, str]], Awaitable[web.StreamResponse]]
 
 
-def forwarder(b: Binding, *, limit: int, timeout: float) -> Serve:
+def forwarder(b: Binding, *, limit: int, timeout: float, body_timeout: float, budget: BodyBudget) -> Serve:
     """``serve(request, path captures, query string, CORS headers)`` for binding ``b``.
 
-    ``timeout`` is the deadline of unary calls (streams get one only from Grpc-Timeout)."""
+    ``timeout`` is the deadline of unary calls (streams get one only from Grpc-Timeout);
+    ``body_timeout`` bounds the reading of a body, ``budget`` the body bytes held by all requests.
+    The call is admitted (token, limits) before any of its body is read."""
     endpoint = b.endpoint
     client_streaming, server_streaming = endpoint.client_streaming, endpoint.server_streaming
     deadline_s = None if client_streaming or server_streaming else timeout
@@ -51,25 +61,42 @@ def forwarder(b: Binding, *, limit: int, timeout: float) -> Serve:
         request: web.BaseRequest, params: Mapping[str, str], query_string: str, cors: dict[str, str]
     ) -> web.StreamResponse:
         ctx: CallContext | None = None
+        held = 0
         try:
             metadata, headers = request_headers(request, query_string, want_message_headers=headers_field)
             ctx = CallContext(
                 protocol="rest", metadata=metadata, peer_of=lambda: request.remote,
                 deadline=call_deadline(metadata, deadline_s),
             )
+            expects = "Expect" in request.headers
             if client_streaming:
-                frames = (b.decode_frame(line) async for line in ndjson_lines(request, limit))
+                endpoint.admit(ctx)
+                if expects:
+                    await send_continue(request)
+                frames = (b.decode_frame(line) async for line in ndjson_lines(request, limit, body_timeout))
                 reply = await endpoint.unary(frames, ctx)
             else:
-                data = await read_body(request, limit) if has_body else b""
-                ctx.request_bytes = len(data)  # for the Guard's byte-rate limit
-                msg = b.build(
-                    data,
-                    metadata.get("content-type", ""),
-                    params,
-                    headers,
-                    request.query if has_query and query_string else None,
-                )
+                declared = request.content_length
+                ctx.request_bytes = declared or 0  # for the Guard's byte-rate limit
+                started = endpoint.admit(ctx)
+                try:
+                    if expects and has_body:
+                        await send_continue(request)
+                    data = await read_body(request, limit, budget, body_timeout) if has_body else b""
+                    held = len(data)
+                    if declared is None and data:
+                        ctx.request_bytes = held
+                        endpoint.charge(ctx, held)
+                    msg = b.build(
+                        data,
+                        metadata.get("content-type", ""),
+                        params,
+                        headers,
+                        request.query if has_query and query_string else None,
+                    )
+                except BaseException as exc:
+                    endpoint.abandon(ctx, exc, started)
+                    raise
                 if server_streaming:
                     return await stream_response(request, b, msg, ctx, cors)
                 reply = await endpoint.unary(msg, ctx)
@@ -80,8 +107,8 @@ def forwarder(b: Binding, *, limit: int, timeout: float) -> Serve:
             return web.Response(body=body, headers=cors)
         except GatewayError as err:
             resp = error_response(err, shape, {**cors, **ctx.response_headers} if ctx else cors)
-            if err.http_status == 413:
-                resp.force_close()  # close rather than read the rest of the body
+            if not request.content.is_eof():
+                resp.force_close()  # close rather than read (or wait for) the rest of the body
             return resp
         except (HttpProcessingError, web.RequestPayloadError) as exc:  # bad chunking, bad gzip, ...
             return error_response(malformed(exc), shape, cors)
@@ -91,6 +118,9 @@ def forwarder(b: Binding, *, limit: int, timeout: float) -> Serve:
             rid = ctx.request_id if ctx else 0
             log.error("transcoding %s failed (request id %d)", b.name, rid, exc_info=exc)
             return error_response(Internal(f"internal error (request id {rid})"), shape, cors)
+        finally:
+            if held:
+                budget.give(held)
 
     return serve
 

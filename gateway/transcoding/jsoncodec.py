@@ -46,6 +46,7 @@ from gateway.transcoding.jsonscalars import (
 __all__ = ["INT_RANGES", "INVALID_JSON", "FieldCodec", "JsonDecodeError", "MessageCodec", "codec_for", "dumps", "loads"]
 
 INVALID_JSON = "Invalid request body"
+MAX_JSON_DEPTH = 1024  # orjson's limit
 
 
 # ---------------------------------------------------------------- scalars
@@ -317,8 +318,16 @@ def loads(data: bytes | str) -> Any:
     """Parse JSON; anything unparsable is JsonDecodeError("Invalid request body")."""
     try:
         return orjson.loads(data)
-    except orjson.JSONDecodeError:
+    except orjson.JSONDecodeError as exc:
+        if _too_deep(exc):
+            raise JsonDecodeError(f"{INVALID_JSON}: JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
         raise JsonDecodeError(INVALID_JSON) from None
+
+
+def _too_deep(exc: orjson.JSONDecodeError) -> bool:
+    """orjson parses at most 1024 levels ("depth limit exceeded"; "Recursion limit reached" before 3.10)."""
+    why = exc.msg.lower()
+    return "depth limit" in why or "recursion limit" in why
 
 
 def dumps(msg: Message) -> bytes:

@@ -26,7 +26,7 @@ from gateway.transcoding.bindings import build_bindings
 from gateway.transcoding.cors import Cors
 from gateway.transcoding.forward import Serve, forwarder
 from gateway.transcoding.pathtemplate import MalformedPathError, PathTemplate, compile_template, split_path, unescape
-from gateway.transcoding.requests import expect
+from gateway.transcoding.requests import BodyBudget, expect, send_continue
 from gateway.transcoding.responses import error_response
 from gateway.transcoding.routes import ExtraRoute
 
@@ -39,6 +39,8 @@ class RestOptions:
     cors_origins: tuple[str, ...] = ("*",)
     max_body_bytes: int = 8 * 1024 * 1024
     request_timeout_s: float = 30.0  # unary calls; streams only get a deadline from Grpc-Timeout
+    body_read_timeout_s: float = 10.0  # a body not all received by then is 408 (streams: no data for this long)
+    max_inflight_body_bytes: int = 64 * 1024 * 1024  # request bodies held at once, all requests; beyond: 503
     extra_routes: tuple[ExtraRoute, ...] = ()
     allow_delete_body: bool = False
     unbound_methods: bool = False  # POST /<pkg.Service>/<Method> for methods without google.api.http
@@ -64,13 +66,15 @@ class Mux:
         self.limit = options.max_body_bytes
         self.timeout = options.request_timeout_s
         self.cors = Cors(options.cors_origins)
+        self.budget = BodyBudget(options.max_inflight_body_bytes)
         bindings = build_bindings(
             endpoints, allow_delete_body=options.allow_delete_body, unbound_methods=options.unbound_methods
         )
         routes = [
-            _Route.of(b.http_method, b.template, forwarder(b, limit=self.limit, timeout=self.timeout),
-                      shape=b.error_body)
-            for b in bindings
+            _Route.of(b.http_method, b.template, forwarder(
+                b, limit=self.limit, timeout=self.timeout, body_timeout=options.body_read_timeout_s,
+                budget=self.budget,
+            ), shape=b.error_body) for b in bindings
         ]
         for extra in options.extra_routes:
             routes.append(_Route.of(extra.method.upper(), compile_template(extra.template), self._extra(extra), False))
@@ -83,9 +87,9 @@ class Mux:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         if "Expect" in request.headers:
-            expected = await expect(request)
-            if expected is not None:
-                return expected
+            refused = expect(request)
+            if refused is not None:
+                return refused
         cors = self.cors.headers(request)
         raw = request.raw_path
         if not raw.startswith("/"):  # absolute-form request target
@@ -156,6 +160,8 @@ class Mux:
             request: web.BaseRequest, params: Mapping[str, str], _qs: str, cors: dict[str, str]
         ) -> web.StreamResponse:
             try:
+                if "Expect" in request.headers:
+                    await send_continue(request)
                 resp = await route.handler(request, params)
             except GatewayError as err:
                 return error_response(err, 0, cors)

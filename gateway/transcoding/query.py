@@ -2,7 +2,8 @@
 
 Keys are dotted field paths (proto or lowerCamel names); repeated fields take repeated
 keys; maps take ``key[mapkey]=value``; unknown keys, and fields already bound by the
-path, the body or the headers, are ignored.
+path, the body or the headers, are ignored. A field marked ``(memgw.v1.body_only)`` (a
+credential) is refused in the query string.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
+from memgw.v1 import options_pb2
 
 from gateway.core.errors import InvalidArgument
 from gateway.transcoding.convert import is_map, leaf_is_set, parse_text, resolve_path, set_text, target
@@ -46,8 +48,13 @@ class QueryBinder:
                 path = resolve_path(self._desc, field_path)
             except ValueError as exc:
                 raise InvalidArgument(f"invalid query parameter {key!r}: {exc}") from None
-            if path is None or self._filtered(tuple(f.name for f in path)):
+            if path is None:
                 continue  # unknown keys are ignored, as grpc-gateway does
+            if any(f.GetOptions().Extensions[options_pb2.body_only] for f in path):
+                raise InvalidArgument(f"{key!r} is not accepted in the query string (it would end up in logs): "
+                                      f"send it in the JSON body")
+            if self._filtered(tuple(f.name for f in path)):
+                continue
             leaf = path[-1]
             if m is not None:
                 if not is_map(leaf):

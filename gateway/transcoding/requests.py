@@ -10,7 +10,8 @@ import grpc
 from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from gateway.core.errors import GatewayError, InvalidArgument
+from gateway.core.deadlines import timeout
+from gateway.core.errors import GatewayError, InvalidArgument, Unavailable
 from gateway.core.headers import DROPPED, canonical
 from gateway.transcoding.responses import error_response
 
@@ -19,6 +20,7 @@ from gateway.transcoding.responses import error_response
 # the body's encoding, undone before the body reaches the message.
 _NOT_BOUND = DROPPED | {"content-encoding"}
 _GRPC_TIMEOUT = re.compile(r"([0-9]{1,8})([HMSmun])")
+BUSY_RETRY_AFTER_S = 1.0  # Retry-After of a body refused because too many are in flight
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 
 
@@ -86,8 +88,40 @@ def call_deadline(metadata: Mapping[str, str], default: float | None) -> float |
     return time.monotonic() + int(m.group(1)) * _TIMEOUT_UNITS[m.group(2)]
 
 
-async def read_body(request: web.BaseRequest, limit: int) -> bytes:
-    """The whole body, refused (413) as soon as it passes ``limit`` bytes."""
+class BodyBudget:
+    """The bytes of request bodies held at once, across all requests, bounded by ``limit``.
+
+    Every body is counted from its first byte until its call ends; one that would take the
+    total past the limit is refused at once (503 with Retry-After), so clients sending many
+    bodies at once cannot make the gateway hold more than ``limit`` bytes of them."""
+
+    __slots__ = ("held", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, nbytes: int) -> None:
+        if self.held + nbytes > self.limit:
+            raise Unavailable(
+                f"too many request bodies in flight (over {self.limit} bytes at once); retry shortly",
+                retry_after=BUSY_RETRY_AFTER_S,
+            )
+        self.held += nbytes
+
+    def give(self, nbytes: int) -> None:
+        self.held -= nbytes
+
+
+def slow_body(seconds: float) -> GatewayError:
+    return GatewayError(f"request body not received within {seconds:g} s: send the whole body at once",
+                        http_status=408, code=grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+async def read_body(request: web.BaseRequest, limit: int, budget: BodyBudget, timeout_s: float) -> bytes:
+    """The whole body: refused (413) as soon as it passes ``limit`` bytes, (408) if it is not all
+    there within ``timeout_s``, (503) if ``budget`` cannot hold it. The caller gives back
+    ``len(result)`` to ``budget`` once the call is over."""
     length = request.content_length
     if length is not None and length > limit:
         raise too_large(limit)
@@ -98,29 +132,45 @@ async def read_body(request: web.BaseRequest, limit: int) -> bytes:
         data = content.read_nowait()
         if len(data) > limit:
             raise too_large(limit)
+        budget.take(len(data))
         return data
-    data = await content.readany()
-    size = len(data)
-    if size > limit:
-        raise too_large(limit)
-    if content.at_eof():
-        return data
-    chunks = [data]
-    while chunk := await content.readany():
-        size += len(chunk)
-        if size > limit:
-            raise too_large(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
+    taken = length or 0  # a declared length is reserved up front; a chunked body chunk by chunk
+    budget.take(taken)
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with timeout(timeout_s):
+            while chunk := await content.readany():
+                size += len(chunk)
+                if size > limit:
+                    raise too_large(limit)
+                if size > taken:
+                    budget.take(size - taken)
+                    taken = size
+                chunks.append(chunk)
+    except TimeoutError:
+        budget.give(taken)
+        raise slow_body(timeout_s) from None
+    except BaseException:
+        budget.give(taken)
+        raise
+    if size != taken:
+        budget.give(taken - size)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def ndjson_lines(request: web.BaseRequest, limit: int) -> AsyncIterator[bytes]:
-    """Non-blank lines of the body, each at most ``limit`` bytes, read lazily."""
+async def ndjson_lines(request: web.BaseRequest, limit: int, idle_s: float) -> AsyncIterator[bytes]:
+    """Non-blank lines of the body, each at most ``limit`` bytes, read lazily; a body that sends
+    nothing for ``idle_s`` is refused (408)."""
     buf = bytearray()
     content = request.content
     while True:
         try:
-            chunk = await content.readany()
+            async with timeout(idle_s):
+                chunk = await content.readany()
+        except TimeoutError:
+            raise GatewayError(f"no request data for {idle_s:g} s: send stream frames without long pauses",
+                               http_status=408, code=grpc.StatusCode.DEADLINE_EXCEEDED) from None
         except (HttpProcessingError, web.RequestPayloadError) as exc:  # reaches the servicer: a GatewayError
             raise malformed(exc) from None
         except ConnectionError:
@@ -143,17 +193,22 @@ async def ndjson_lines(request: web.BaseRequest, limit: int) -> AsyncIterator[by
         yield bytes(buf)
 
 
-async def expect(request: web.BaseRequest) -> web.StreamResponse | None:
-    """``Expect: 100-continue`` as aiohttp does; any other expectation 417 in JSON.
+def expect(request: web.BaseRequest) -> web.StreamResponse | None:
+    """``Expect``: None for ``100-continue`` (answered by :func:`send_continue` once the request
+    is admitted), otherwise a 417 in JSON.
 
     aiohttp's own handler echoes the header into a text/plain 417, and answers 500 when the value
     holds non-UTF-8 bytes."""
-    if request.version != HttpVersion11:
-        return None
-    if request.headers.get("Expect", "").lower() == "100-continue":
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        request.writer.output_size = 0  # the body has not started
+    if request.version != HttpVersion11 or request.headers.get("Expect", "").lower() == "100-continue":
         return None
     err = GatewayError("Expectation Failed: only 100-continue is supported", http_status=417,
                        code=grpc.StatusCode.FAILED_PRECONDITION)
     return error_response(err, 0)
+
+
+async def send_continue(request: web.BaseRequest) -> None:
+    """``100 Continue`` if the client waits for it: only once the route is known and the call
+    admitted, so a client that would be refused is told so before it sends its body."""
+    if request.version == HttpVersion11 and request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the body has not started

@@ -216,7 +216,10 @@ class AdmitAll:
         return None
 
 
-    def admit(self, endpoint: Endpoint, ctx: CallContext, request: Any = None) -> None:
+    def admit(self, endpoint: Endpoint, ctx: CallContext) -> None:
+        return None
+
+    def authorize(self, endpoint: Endpoint, ctx: CallContext, request: Any) -> None:
         return None
 
     def release(self, endpoint: Endpoint, ctx: CallContext) -> None:

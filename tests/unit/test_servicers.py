@@ -118,11 +118,11 @@ async def test_consume_refuses_bad_requests(broker: FakeBroker, request_fields: 
     assert not broker.fetched
 
 
-async def test_grpc_answers_are_capped_to_the_message_limit_rest_ones_are_not(broker: FakeBroker) -> None:
-    svc = ConsumeService(broker, max_batch=100, max_wait_ms=1000, max_answer_bytes=4096)
+async def test_answers_are_capped_by_bytes_grpc_ones_also_by_the_message_limit(broker: FakeBroker) -> None:
+    svc = ConsumeService(broker, max_batch=100, max_wait_ms=1000, max_answer_bytes=8192, max_message_bytes=4096)
     await svc.ConsumeBatch(consume_pb2.ConsumeBatchRequest(station="s", consumer_name="c"), ctx("grpc"))
     await svc.ConsumeBatch(consume_pb2.ConsumeBatchRequest(station="s", consumer_name="c"), ctx("rest"))
-    assert [spec.max_bytes for spec, _, _ in broker.fetched] == [4096, 0]
+    assert [spec.max_bytes for spec, _, _ in broker.fetched] == [4096, 8192]
 
 
 async def test_ack_needs_ids_and_counts_the_valid_ones(broker: FakeBroker) -> None:

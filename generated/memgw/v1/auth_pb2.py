@@ -27,25 +27,33 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from memgw.v1 import options_pb2 as memgw_dot_v1_dot_options__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13memgw/v1/auth.proto\x12\x08memgw.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x16memgw/v1/options.proto\"\x8f\x02\n\x13\x41uthenticateRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\x12\x18\n\x10\x63onnection_token\x18\x03 \x01(\t\x12\x17\n\naccount_id\x18\x04 \x01(\rH\x00\x88\x01\x01\x12$\n\x17token_expiry_in_minutes\x18\x05 \x01(\x03H\x01\x88\x01\x01\x12,\n\x1frefresh_token_expiry_in_minutes\x18\x06 \x01(\x03H\x02\x88\x01\x01\x42\r\n\x0b_account_idB\x1a\n\x18_token_expiry_in_minutesB\"\n _refresh_token_expiry_in_minutes\"t\n\x14\x41uthenticateResponse\x12\x12\n\nexpires_in\x18\x01 \x01(\x04\x12\x0b\n\x03jwt\x18\x02 \x01(\t\x12\x19\n\x11jwt_refresh_token\x18\x03 \x01(\t\x12 \n\x18refresh_token_expires_in\x18\x04 \x01(\x04\"\xc4\x01\n\x13RefreshTokenRequest\x12\x19\n\x11jwt_refresh_token\x18\x01 \x01(\t\x12$\n\x17token_expiry_in_minutes\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12,\n\x1frefresh_token_expiry_in_minutes\x18\x03 \x01(\x03H\x01\x88\x01\x01\x42\x1a\n\x18_token_expiry_in_minutesB\"\n _refresh_token_expiry_in_minutes\"t\n\x14RefreshTokenResponse\x12\x12\n\nexpires_in\x18\x01 \x01(\x04\x12\x0b\n\x03jwt\x18\x02 \x01(\t\x12\x19\n\x11jwt_refresh_token\x18\x03 \x01(\t\x12 \n\x18refresh_token_expires_in\x18\x04 \x01(\x04\x32\x83\x02\n\x0b\x41uthService\x12z\n\x0c\x41uthenticate\x12\x1d.memgw.v1.AuthenticateRequest\x1a\x1e.memgw.v1.AuthenticateResponse\"+\x9a\xd1\x18\x04\x10\x01\x18\x01\xa2\xd1\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x17\"\x12/auth/authenticate:\x01*\x12x\n\x0cRefreshToken\x12\x1d.memgw.v1.RefreshTokenRequest\x1a\x1e.memgw.v1.RefreshTokenResponse\")\x9a\xd1\x18\x02\x10\x01\xa2\xd1\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x17\"\x12/auth/refreshToken:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13memgw/v1/auth.proto\x12\x08memgw.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x16memgw/v1/options.proto\"\xa1\x02\n\x13\x41uthenticateRequest\x12\x16\n\x08username\x18\x01 \x01(\tB\x04\xb0\xd1\x18\x01\x12\x16\n\x08password\x18\x02 \x01(\tB\x04\xb0\xd1\x18\x01\x12\x1e\n\x10\x63onnection_token\x18\x03 \x01(\tB\x04\xb0\xd1\x18\x01\x12\x17\n\naccount_id\x18\x04 \x01(\rH\x00\x88\x01\x01\x12$\n\x17token_expiry_in_minutes\x18\x05 \x01(\x03H\x01\x88\x01\x01\x12,\n\x1frefresh_token_expiry_in_minutes\x18\x06 \x01(\x03H\x02\x88\x01\x01\x42\r\n\x0b_account_idB\x1a\n\x18_token_expiry_in_minutesB\"\n _refresh_token_expiry_in_minutes\"t\n\x14\x41uthenticateResponse\x12\x12\n\nexpires_in\x18\x01 \x01(\x04\x12\x0b\n\x03jwt\x18\x02 \x01(\t\x12\x19\n\x11jwt_refresh_token\x18\x03 \x01(\t\x12 \n\x18refresh_token_expires_in\x18\x04 \x01(\x04\"\xca\x01\n\x13RefreshTokenRequest\x12\x1f\n\x11jwt_refresh_token\x18\x01 \x01(\tB\x04\xb0\xd1\x18\x01\x12$\n\x17token_expiry_in_minutes\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12,\n\x1frefresh_token_expiry_in_minutes\x18\x03 \x01(\x03H\x01\x88\x01\x01\x42\x1a\n\x18_token_expiry_in_minutesB\"\n _refresh_token_expiry_in_minutes\"t\n\x14RefreshTokenResponse\x12\x12\n\nexpires_in\x18\x01 \x01(\x04\x12\x0b\n\x03jwt\x18\x02 \x01(\t\x12\x19\n\x11jwt_refresh_token\x18\x03 \x01(\t\x12 \n\x18refresh_token_expires_in\x18\x04 \x01(\x04\x32\x83\x02\n\x0b\x41uthService\x12z\n\x0c\x41uthenticate\x12\x1d.memgw.v1.AuthenticateRequest\x1a\x1e.memgw.v1.AuthenticateResponse\"+\x9a\xd1\x18\x04\x10\x01\x18\x01\xa2\xd1\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x17\"\x12/auth/authenticate:\x01*\x12x\n\x0cRefreshToken\x12\x1d.memgw.v1.RefreshTokenRequest\x1a\x1e.memgw.v1.RefreshTokenResponse\")\x9a\xd1\x18\x02\x10\x01\xa2\xd1\x18\x02\x08\x01\x82\xd3\xe4\x93\x02\x17\"\x12/auth/refreshToken:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'memgw.v1.auth_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_AUTHENTICATEREQUEST'].fields_by_name['username']._loaded_options = None
+  _globals['_AUTHENTICATEREQUEST'].fields_by_name['username']._serialized_options = b'\260\321\030\001'
+  _globals['_AUTHENTICATEREQUEST'].fields_by_name['password']._loaded_options = None
+  _globals['_AUTHENTICATEREQUEST'].fields_by_name['password']._serialized_options = b'\260\321\030\001'
+  _globals['_AUTHENTICATEREQUEST'].fields_by_name['connection_token']._loaded_options = None
+  _globals['_AUTHENTICATEREQUEST'].fields_by_name['connection_token']._serialized_options = b'\260\321\030\001'
+  _globals['_REFRESHTOKENREQUEST'].fields_by_name['jwt_refresh_token']._loaded_options = None
+  _globals['_REFRESHTOKENREQUEST'].fields_by_name['jwt_refresh_token']._serialized_options = b'\260\321\030\001'
   _globals['_AUTHSERVICE'].methods_by_name['Authenticate']._loaded_options = None
   _globals['_AUTHSERVICE'].methods_by_name['Authenticate']._serialized_options = b'\232\321\030\004\020\001\030\001\242\321\030\002\010\001\202\323\344\223\002\027\"\022/auth/authenticate:\001*'
   _globals['_AUTHSERVICE'].methods_by_name['RefreshToken']._loaded_options = None
   _globals['_AUTHSERVICE'].methods_by_name['RefreshToken']._serialized_options = b'\232\321\030\002\020\001\242\321\030\002\010\001\202\323\344\223\002\027\"\022/auth/refreshToken:\001*'
   _globals['_AUTHENTICATEREQUEST']._serialized_start=88
-  _globals['_AUTHENTICATEREQUEST']._serialized_end=359
-  _globals['_AUTHENTICATERESPONSE']._serialized_start=361
-  _globals['_AUTHENTICATERESPONSE']._serialized_end=477
-  _globals['_REFRESHTOKENREQUEST']._serialized_start=480
-  _globals['_REFRESHTOKENREQUEST']._serialized_end=676
-  _globals['_REFRESHTOKENRESPONSE']._serialized_start=678
-  _globals['_REFRESHTOKENRESPONSE']._serialized_end=794
-  _globals['_AUTHSERVICE']._serialized_start=797
-  _globals['_AUTHSERVICE']._serialized_end=1056
+  _globals['_AUTHENTICATEREQUEST']._serialized_end=377
+  _globals['_AUTHENTICATERESPONSE']._serialized_start=379
+  _globals['_AUTHENTICATERESPONSE']._serialized_end=495
+  _globals['_REFRESHTOKENREQUEST']._serialized_start=498
+  _globals['_REFRESHTOKENREQUEST']._serialized_end=700
+  _globals['_REFRESHTOKENRESPONSE']._serialized_start=702
+  _globals['_REFRESHTOKENRESPONSE']._serialized_end=818
+  _globals['_AUTHSERVICE']._serialized_start=821
+  _globals['_AUTHSERVICE']._serialized_end=1080
 # @@protoc_insertion_point(module_scope)

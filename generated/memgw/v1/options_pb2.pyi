@@ -39,6 +39,8 @@ ACCESS_FIELD_NUMBER: _ClassVar[int]
 access: _descriptor.FieldDescriptor
 JSON_TEXT_FIELD_NUMBER: _ClassVar[int]
 json_text: _descriptor.FieldDescriptor
+BODY_ONLY_FIELD_NUMBER: _ClassVar[int]
+body_only: _descriptor.FieldDescriptor
 
 class HttpTranscoding(_message.Message):
     __slots__ = ("headers_field", "error_body", "query_with_body", "stream_format", "event_id_field")
