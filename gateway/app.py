@@ -45,7 +45,7 @@ from gateway.core.deadlines import timeout
 from gateway.core.identity import Credentials
 from gateway.core.keys import derive_key
 from gateway.embedded.catalog import Catalog
-from gateway.embedded.controlplane import ControlPlane
+from gateway.embedded.controlplane import CONTROL_USER, ControlPlane
 from gateway.embedded.permissions import user_permissions
 from gateway.embedded.server import AccountLimits, EmbeddedBroker
 from gateway.management import management_servicers
@@ -111,7 +111,14 @@ def embedded_broker(s: Settings) -> EmbeddedBroker:
     )
     return EmbeddedBroker(data_dir=s.data_dir, port=s.broker_port, root_user=s.root_user,
                           root_password=s.root_password, limits=limits,
-                          connection_token=s.connection_token if s.auth_mode == "token" else "")
+                          connection_token=s.connection_token if s.auth_mode == "token" else "",
+                          control_password=control_password(s))
+
+
+def control_password(s: Settings) -> str:
+    """The password of the control plane's broker user (``CONTROL_USER``): derived from the JWT
+    secret, which every replica and worker shares, so it needs no setting of its own."""
+    return derive_key(s.jwt_secret, "control-plane-user").hex() if s.jwt_secret else ""
 
 
 class PortInUse(RuntimeError):
@@ -125,6 +132,7 @@ class Gateway:
         self.settings = settings
         self.embedded: EmbeddedBroker | None = None
         self.service_nc: Any = None
+        self.requests_nc: Any = None  # CONTROL_USER's connection: the $memphis_* requests, sender named
         self.control_plane: ControlPlane | None = None
         self.broker: MemphisBroker | None = None
         self.directory: Directory | None = None
@@ -160,8 +168,7 @@ class Gateway:
             catalog = Catalog(kv_replicas=replicas)
             catalog.max_stations_per_user = s.max_stations_per_user
             self.control_plane = ControlPlane(catalog=catalog, drain_s=CLOSE_BUDGET_S / 4)
-            await self.control_plane.start(self.service_nc)
-            log.info("control plane: answering Memphis's $memphis_* requests (catalog replicas: %d)", replicas)
+            log.info("control plane: catalog replicas: %d", replicas)
         self.broker = MemphisBroker(
             broker_url, timeout_s=s.broker_timeout_s, idle_s=s.session_idle_s,
             ack_key=derive_key(s.jwt_secret, "ack-id"), service_nc=self.service_nc, tls=s.broker_tls,
@@ -181,6 +188,8 @@ class Gateway:
         if self.service_nc is not None:
             await self.directory.open(self.service_nc, replicas=min(3, len(self.service_nc.servers)))
             await self.directory.sync_broker()
+        if self.control_plane is not None:
+            await self._start_control_plane(broker_url)
         servicers = [
             AuthService(self.broker, tokens, s.token_expiry_min, s.refresh_token_expiry_min,
                         LoginThrottle(s.login_failures_per_user_per_min, s.login_failures_per_address_per_min),
@@ -236,12 +245,45 @@ class Gateway:
         log.info("listening: REST http://%s:%d, gRPC %s:%d", s.host, http_port, s.host, grpc_port)
         return self.ports
 
-    async def _connect_control_plane(self, broker_url: str) -> Any:
+    async def _start_control_plane(self, broker_url: str) -> None:
+        """Answer the $memphis_* requests with the requester's rights (controlplane.py, "Who asks"):
+        verified through the control account when the broker has it, else the payload's claim."""
+        s, plane, directory = self.settings, self.control_plane, self.directory
+        assert plane is not None and directory is not None
+        mode = "trusted (connection-token mode: every client holds root's token)"
+        if s.auth_mode != "token":
+            plane.rights = directory.broker_user_access
+            self.requests_nc = await self._connect_requests(broker_url)
+            plane.verified = self.requests_nc is not None
+            mode = "verified (nats-server names each requester)" if plane.verified else (
+                "claimed (the payload's username, which a client can forge: give the broker the control "
+                "account of docs/memphis-py.md to verify requesters)")
+        await plane.start(self.service_nc, requests_nc=self.requests_nc)
+        log.info("control plane: answering Memphis's $memphis_* requests; requesters: %s", mode)
+
+    async def _connect_requests(self, broker_url: str) -> Any:
+        """CONTROL_USER's connection, or None if the broker has no control account (an external broker)."""
+        credentials = {"user": CONTROL_USER, "password": control_password(self.settings)}
+        if self.embedded is None:
+            scheme = "tls" if self.settings.broker_tls else "nats"
+            servers = [f"{scheme}://{host}:{port}" for host, port in parse_servers(broker_url)]
+            try:  # a probe: the connection below would retry an authorization failure forever
+                probe = await nats.connect(servers, **credentials, tls=tls_context(self.settings.broker_tls),
+                                           allow_reconnect=False, max_reconnect_attempts=0,
+                                           connect_timeout=self.settings.broker_timeout_s)
+            except Exception as exc:
+                log.info("control plane: no control account on the broker (%s)", exc or type(exc).__name__)
+                return None
+            await probe.close()
+        return await self._connect_control_plane(broker_url, credentials, name="memphis-gateway::control-requests")
+
+    async def _connect_control_plane(self, broker_url: str, credentials: dict[str, Any] | None = None,
+                                     name: str = "memphis-gateway::control-plane") -> Any:
         s = self.settings
         tls = s.broker_tls
         scheme = "tls" if tls else "nats"
         servers = [f"{scheme}://{host}:{port}" for host, port in parse_servers(broker_url)]
-        credentials: dict[str, Any] = (
+        credentials = credentials or (
             {"token": s.connection_token} if s.auth_mode == "token" and s.connection_token
             else {"user": f"{s.root_user}$1", "password": s.root_password}
         )
@@ -265,7 +307,7 @@ class Gateway:
             servers,
             **credentials,
             tls=tls_context(tls),
-            name="memphis-gateway::control-plane",
+            name=name,
             connect_timeout=s.broker_timeout_s,
             max_reconnect_attempts=-1,
             reconnect_time_wait=RECONNECT_WAIT_S,
@@ -374,10 +416,11 @@ class Gateway:
             with contextlib.suppress(Exception):
                 async with timeout(CLOSE_BUDGET_S / 3):
                     await self.control_plane.stop()
-        if self.service_nc is not None:
-            with contextlib.suppress(Exception):
-                async with timeout(CLOSE_BUDGET_S / 3):
-                    await self.service_nc.close()
+        for nc in (self.requests_nc, self.service_nc):
+            if nc is not None:
+                with contextlib.suppress(Exception):
+                    async with timeout(CLOSE_BUDGET_S / 3):
+                        await nc.close()
         if self.embedded is not None:
             # SIGTERM, then SIGKILL once the stop budget is spent (JetStream survives a kill -9)
             self.embedded.stop_timeout = max(0.5, drain + STOP_MARGIN_S - (time.monotonic() - started))

@@ -39,7 +39,7 @@ from nats.js.kv import KeyValue
 
 from gateway.auth.access import APPLICATION, MANAGEMENT, Access, patterns
 from gateway.auth.tokens import TokenService
-from gateway.core.errors import FailedPrecondition, InvalidArgument, NotFound, Unauthenticated
+from gateway.core.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from gateway.core.identity import Credentials, Principal
 
 log = logging.getLogger("gateway.auth")
@@ -228,6 +228,18 @@ class Directory:
             return self._unknown(username)
         if record.deleted or principal.issued_at < record.tokens_after:
             raise Unauthenticated(f"token of user {username} revoked (user deleted or changed)")
+        return self._user_access[username]
+
+    def broker_user_access(self, username: str) -> Access:
+        """The access of a broker user by name (the control plane's requesters, named by
+        nats-server): root, a user of the directory, or one the broker knows on its own."""
+        if username == self.root_user:
+            return self._root
+        record = self._users.get(username)
+        if record is None:
+            return self._unknown(username)
+        if record.deleted:
+            raise PermissionDenied(f"user {username} was deleted")
         return self._user_access[username]
 
     def _unknown(self, username: str) -> Access:

@@ -30,6 +30,51 @@ gateway (or any client) that re-creates its consumer per request would otherwise
 group's position each time. Durables go away with their station.
 
 The gateway uses the same logic without a NATS round trip through ``ControlPlane.catalog``.
+
+Who asks: the requester's rights
+--------------------------------
+The control plane acts on the catalog with its own (root) connection, so it must itself hold
+each request to the rights of whoever sent it. The ``username`` field every memphis-py payload
+carries is a claim any client can forge, and a NATS message says nothing else about its sender
+within one account. nats-server does: a request that crosses accounts through a *service import*
+gets a ``Nats-Request-Info`` header, set by the server (a client's own header of that name is
+replaced, server/client.go ``processServiceImport``), holding the sender's account and, when the
+import is declared with ``share: true``, its user (``"user": "bob$1"``). The real Memphis server
+uses the same arrangement (tenants' accounts import the ``$memphis_*`` services of a ``$memphis``
+account; docs/memphis-py.md).
+
+So the embedded broker (``EmbeddedBroker.control_password``) puts the control plane in an account
+of its own, ``CONTROL_ACCOUNT``, which exports ``REQUEST_SUBJECTS`` as services; the Memphis
+account, where every user and the streams live, imports them with ``share: true``. The control
+plane subscribes with a ``CONTROL_USER`` connection (``start(nc, requests_nc=...)``) and answers
+with the Memphis account's ``nc``. Three modes, from ``ControlPlane(rights=..., verified=...)``:
+
+* **verified** (``rights`` and ``verified=True``; the embedded broker, and ``--workers`` children
+  on it): the requester is the header's user; a request without the header is refused.
+* **claimed** (``rights``, ``verified=False``; ``--control-plane`` against an external broker
+  whose operator did not set up that account): the requester is the payload's ``username``.
+  This only stops honest mistakes and SDK users acting under their own name (an application
+  user attaching a schema to another's station is refused); a client that claims to be root is
+  believed. The broker's own permissions still decide what the SDK can do with the streams.
+* **trusted** (``rights=None``; connection-token mode, where every client holds root's token,
+  and tests): every requester acts as root.
+
+``rights(username)`` answers the requester's rights (``gateway.auth.Access`` satisfies ``Rights``);
+it may raise a ``GatewayError`` (a deleted user). What each request needs:
+
+=====================================  =============================================
+request                                needs
+=====================================  =============================================
+station creation                       produce to or consume from that station
+station destruction                    manage (management users, root)
+producer creation                      produce to the station (it may create it)
+consumer creation (and its durable)    consume from the station (it may create it)
+producer / consumer destruction        nothing (no state is changed)
+schema creation, attachment, detachment  manage
+=====================================  =============================================
+
+A refusal answers in the request's error format: "<who> may not <action> station <name>".
+The records' ``created_by`` is the requester, never the payload's claim.
 """
 
 from __future__ import annotations
@@ -39,36 +84,90 @@ import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from gateway.core.errors import GatewayError, InvalidArgument, NotFound
+from gateway.core.errors import GatewayError, InvalidArgument, NotFound, PermissionDenied
 from gateway.core.names import validate_name
 from gateway.embedded.catalog import Catalog
 from gateway.embedded.specs import AlreadyExists, GroupSpec, StationSpec
 
-__all__ = ["QUEUE_GROUP", "ControlPlane"]
+__all__ = ["CONTROL_ACCOUNT", "CONTROL_USER", "QUEUE_GROUP", "REQUEST_SUBJECTS", "ControlPlane", "Rights"]
 
 log = logging.getLogger("gateway.controlplane")
 
 QUEUE_GROUP = "memgw-control-plane"
+CONTROL_ACCOUNT = "MEMPHIS_CONTROL"  # the nats-server account the control plane subscribes in
+CONTROL_USER = "memgw-control-plane"
+REQUEST_INFO = "Nats-Request-Info"  # set by nats-server on a request crossing a service import
+REQUEST_SUBJECTS = (
+    "$memphis_station_creations",
+    "$memphis_station_destructions",
+    "$memphis_producer_creations",
+    "$memphis_producer_destructions",
+    "$memphis_consumer_creations",
+    "$memphis_consumer_destructions",
+    "$memphis_schema_creations",
+    "$memphis_schema_attachments",
+    "$memphis_schema_detachments",
+)
+PRODUCE, CONSUME, MANAGE = "produce", "consume", "manage"  # the actions of gateway.auth.access
+_VERBS = {PRODUCE: "produce to", CONSUME: "consume from"}
 Request = dict[str, Any]
-Handler = Callable[[Request], Awaitable[bytes]]
+
+
+class Rights(Protocol):
+    """What a requester may do (``gateway.auth.access.Access`` is one)."""
+
+    who: str
+
+    def allows(self, action: str, station: str = "") -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Requester:
+    """Who sent a request: its broker user name (without ``$<account>``) and rights (None: root's)."""
+
+    username: str
+    rights: Rights | None
+
+    def may(self, action: str, station: str = "") -> bool:
+        return self.rights is None or self.rights.allows(action, station)
+
+    def check(self, action: str, station: str = "") -> None:
+        if self.may(action, station):
+            return
+        who = self.rights.who if self.rights is not None else f"user {self.username}"
+        if action == MANAGE:
+            raise PermissionDenied(f"{who} may not manage stations or schemas (management users only)")
+        raise PermissionDenied(f"{who} may not {_VERBS[action]} station {station}")
+
+
+Handler = Callable[[Request, Requester], Awaitable[bytes]]
+RightsOf = Callable[[str], Rights]
 
 
 class ControlPlane:
-    """Answers ``$memphis_*`` requests for one NATS account. ``start(nc)``, then ``stop()``."""
+    """Answers ``$memphis_*`` requests for one NATS account. ``start(nc)``, then ``stop()``.
 
-    def __init__(self, *, queue: str = QUEUE_GROUP, catalog: Catalog | None = None, drain_s: float = 5.0) -> None:
+    ``rights``: the rights of a requester by user name (None: everyone acts as root);
+    ``verified``: the requester is the one nats-server names in ``Nats-Request-Info`` (requests
+    reach us through the service import of ``CONTROL_ACCOUNT``), not the payload's claim."""
+
+    def __init__(self, *, queue: str = QUEUE_GROUP, catalog: Catalog | None = None, drain_s: float = 5.0,
+                 rights: RightsOf | None = None, verified: bool = False) -> None:
         self.queue = queue
         self.drain_s = drain_s
         self.catalog = catalog or Catalog()
+        self.rights = rights
+        self.verified = verified
         self._subs: list[Subscription] = []
         self._tasks: set[asyncio.Task[None]] = set()
-        # subject -> (handler, whether its errors are sent as JSON)
+        # subject -> (handler, whether its errors are sent as JSON); the keys are REQUEST_SUBJECTS
         self._routes: dict[str, tuple[Handler, bool]] = {
             "$memphis_station_creations": (self._create_station, False),
             "$memphis_station_destructions": (self._destroy_station, False),
@@ -81,12 +180,14 @@ class ControlPlane:
             "$memphis_schema_detachments": (self._detach_schema, False),
         }
 
-    async def start(self, nc: Client) -> None:
-        """Open the catalog on ``nc`` (a connected client with JetStream) and start answering."""
+    async def start(self, nc: Client, requests_nc: Client | None = None) -> None:
+        """Open the catalog on ``nc`` (a connected client with JetStream) and start answering the
+        requests that reach ``requests_nc`` (default ``nc``; the ``CONTROL_USER`` connection when verified)."""
         await self.catalog.open(nc)
+        listen = requests_nc or nc
         for subject in self._routes:
-            self._subs.append(await nc.subscribe(subject, queue=self.queue, cb=self._on_request))
-        await nc.flush()
+            self._subs.append(await listen.subscribe(subject, queue=self.queue, cb=self._on_request))
+        await listen.flush()
 
     async def stop(self) -> None:
         """Stop answering, let requests in flight finish (up to ``drain_s``), close the catalog."""
@@ -113,7 +214,7 @@ class ControlPlane:
             request = json.loads(msg.data)
             if not isinstance(request, dict):
                 raise InvalidArgument("the request must be a JSON object")
-            reply = await handler(request)
+            reply = await handler(request, self._requester(msg, request))
         except AlreadyExists as err:
             log.debug("%s: %s", msg.subject, err.message)
             reply = _error(err.message, json_errors)
@@ -132,9 +233,30 @@ class ControlPlane:
             except Exception as err:
                 log.warning("%s: could not reply: %s", msg.subject, err)
 
+    def _requester(self, msg: Msg, req: Request) -> Requester:
+        """Who sent ``msg``: the user nats-server names (verified mode) or the payload's claim."""
+        if self.verified:
+            info = (msg.headers or {}).get(REQUEST_INFO)
+            try:
+                user = json.loads(info)["user"] if info else None
+            except (ValueError, TypeError, KeyError):
+                user = None
+            if not isinstance(user, str) or not user:
+                raise PermissionDenied("the requester is unknown: control-plane requests are answered only "
+                                       "through the broker's service import, which names the sender")
+        else:
+            user = req.get("created_by_username" if "created_by_username" in req else "username")
+            if not isinstance(user, str):
+                user = ""
+        name, sep, account = user.rpartition("$")
+        username = name if sep and account.isdigit() else user  # "bob$1" -> "bob"
+        if self.rights is None:
+            return Requester(username, None)
+        return Requester(username, self.rights(username))
+
     # Handlers: each returns the success reply or raises a GatewayError.
 
-    async def _create_station(self, req: Request) -> bytes:
+    async def _create_station(self, req: Request, who: Requester) -> bytes:
         dls = req.get("dls_configuration") or {}
         if not isinstance(dls, dict):
             raise InvalidArgument("dls_configuration must be an object")
@@ -151,22 +273,27 @@ class ControlPlane:
             poison_to_dls=_bool(dls, "poison", True),
             dls_station=_str(req, "dls_station", ""),
             tiered_storage_enabled=_bool(req, "tiered_storage_enabled", False),
-            created_by=_str(req, "username", ""),
+            created_by=who.username,
         )
+        station = spec.name.lower()
+        if not (who.may(PRODUCE, station) or who.may(CONSUME, station)):
+            who.check(PRODUCE, station)
         await self.catalog.create_station(spec)
         return b""
 
-    async def _destroy_station(self, req: Request) -> bytes:
+    async def _destroy_station(self, req: Request, who: Requester) -> bytes:
         name = _str(req, "station_name")
+        who.check(MANAGE)
         if not await self.catalog.destroy_station(name):
             raise NotFound(f"Station {name} does not exist")
         return b""
 
-    async def _create_producer(self, req: Request) -> bytes:
+    async def _create_producer(self, req: Request, who: Requester) -> bytes:
         _name(req, "name", "producer")
         station = _str(req, "station_name")
+        who.check(PRODUCE, station.lower())
         if _int(req, "req_version", 1) >= 2:  # the Memphis server creates missing stations since v2
-            info = await self.catalog.ensure_station(station, _str(req, "username", ""))
+            info = await self.catalog.ensure_station(station, who.username)
         elif (found := await self.catalog.station_info(station)) is not None:
             info = found
         else:
@@ -183,14 +310,15 @@ class ControlPlane:
             }
         )
 
-    async def _destroy_client(self, req: Request) -> bytes:
+    async def _destroy_client(self, req: Request, who: Requester) -> bytes:
         # Producers and consumers hold no server-side state of ours; durables are kept.
         _str(req, "station_name")
         return b""
 
-    async def _create_consumer(self, req: Request) -> bytes:
+    async def _create_consumer(self, req: Request, who: Requester) -> bytes:
         name = _name(req, "name", "consumer")
         station = _str(req, "station_name")
+        who.check(CONSUME, station.lower())
         group = GroupSpec(
             name=_str(req, "consumers_group", "") or name,
             max_ack_time_ms=_int(req, "max_ack_time_ms", 30_000),
@@ -206,7 +334,7 @@ class ControlPlane:
             raise InvalidArgument(
                 "Consumer creation options can't contain both start_consume_from_sequence and last_messages"
             )
-        info = await self.catalog.ensure_consumer_group(station, group, _str(req, "username", ""))
+        info = await self.catalog.ensure_consumer_group(station, group, who.username)
         return _json(
             {
                 "error": "",
@@ -215,21 +343,24 @@ class ControlPlane:
             }
         )
 
-    async def _create_schema(self, req: Request) -> bytes:
+    async def _create_schema(self, req: Request, who: Requester) -> bytes:
+        who.check(MANAGE)
         await self.catalog.create_schema(
             _str(req, "name"),
             _str(req, "type"),
             _str(req, "schema_content"),
-            created_by=_str(req, "created_by_username", ""),
+            created_by=who.username,
             message_struct_name=_str(req, "message_struct_name", ""),
         )
         return _json({"error": ""})
 
-    async def _attach_schema(self, req: Request) -> bytes:
+    async def _attach_schema(self, req: Request, who: Requester) -> bytes:
+        who.check(MANAGE)
         await self.catalog.attach_schema(_str(req, "name"), _str(req, "station_name"))
         return b""
 
-    async def _detach_schema(self, req: Request) -> bytes:
+    async def _detach_schema(self, req: Request, who: Requester) -> bytes:
+        who.check(MANAGE)
         await self.catalog.detach_schema(_str(req, "station_name"))
         return b""
 

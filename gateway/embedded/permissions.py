@@ -3,9 +3,11 @@
 What memphis-py (and the gateway's own sessions, which are memphis-py connections) needs,
 per docs/memphis-py.md (sections 1.3 to 1.6):
 
-* always: replies on ``_INBOX.>``, the SDK's pushes (``$memphis_sdk_clients_updates``), the
-  producer and consumer creation/destruction requests, ``$JS.API.INFO`` and
-  ``$JS.API.STREAM.NAMES`` (nats-py looks a stream up by subject);
+* always: replies on ``_INBOX.>``, the SDK's pushes (``$memphis_sdk_clients_updates``), every
+  control-plane request (``REQUEST_SUBJECTS``: the control plane is told by nats-server who sent
+  each one and answers it with that user's rights, so a refusal reads "user bob may not ..."
+  rather than a permissions violation), ``$JS.API.INFO`` and ``$JS.API.STREAM.NAMES`` (nats-py
+  looks a stream up by subject);
 * produce to a station: publish on ``<internal>$<p>.final`` of its partitions, and its
   schema and function updates;
 * consume from a station: the JetStream API of its partition streams' consumers
@@ -17,7 +19,8 @@ pattern ``*`` grants every station (``*`` tokens), and a pattern with a wildcard
 (``web-*``) grants nothing on the broker: the gateway enforces it on what it serves, SDK
 connections of that user cannot reach those stations.
 
-Management users get no limits; creating stations and schemas stays with them.
+Management users get no limits; destroying stations and managing schemas stays with them (the
+control plane's rule, ``gateway.embedded.controlplane``).
 """
 
 from __future__ import annotations
@@ -26,11 +29,11 @@ from collections.abc import Iterable
 from typing import Any
 
 from gateway.core.names import internal_name
+from gateway.embedded.controlplane import REQUEST_SUBJECTS
 
 PARTITIONS_GRANTED = 16
 _ALWAYS_PUBLISH = (
-    "$memphis_producer_creations", "$memphis_producer_destructions",
-    "$memphis_consumer_creations", "$memphis_consumer_destructions",
+    *REQUEST_SUBJECTS,
     "$memphis_pm_acks", "$memphis_schemaverse_dls", "$memphis_notifications", "$memphis_nacked_dls",
     "$JS.API.INFO", "$JS.API.STREAM.NAMES",
 )

@@ -11,6 +11,12 @@ Memphis user is registered twice, as ``<user>$<account_id>`` (what memphis-py se
 as the bare ``<user>`` (its fallback), in one account with JetStream enabled and no
 permission limits.
 
+With ``control_password`` set, the configuration also has the control plane's account
+(``CONTROL_ACCOUNT``, user ``CONTROL_USER``) exporting the ``$memphis_*`` request subjects as
+services, imported by the Memphis account with ``share: true``: nats-server then names the
+sender of each request in its ``Nats-Request-Info`` header, so the control plane acts with the
+requester's rights (``gateway.embedded.controlplane``, "Who asks").
+
 Usage::
 
     broker = EmbeddedBroker(data_dir=Path("data"), port=0, root_password="secret")
@@ -48,6 +54,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from gateway.embedded.controlplane import CONTROL_ACCOUNT, CONTROL_USER, REQUEST_SUBJECTS
 
 __all__ = ["AccountLimits", "BrokerError", "ClusterSettings", "EmbeddedBroker", "find_nats_server"]
 
@@ -129,6 +137,9 @@ class EmbeddedBroker:
     # connectionToken) and no user/password exists; nats-server cannot have both ("Can not have a
     # token and a users array"), so everything runs in its global account, JetStream enabled.
     connection_token: str = field(default="", repr=False)
+    # password of CONTROL_USER in CONTROL_ACCOUNT; "" (or token mode): no control account, the
+    # $memphis_* requests stay in the Memphis account (their senders cannot be told apart)
+    control_password: str = field(default="", repr=False)
     http_port: int | None = None  # monitoring endpoint; None: off, 0: any free port (kept for restarts)
     binary: str | None = None  # default: find_nats_server()
     server_name: str = "memphis-gateway-embedded"  # unique per node in a cluster
@@ -188,6 +199,15 @@ class EmbeddedBroker:
                 "MEMPHIS": {"jetstream": self.limits.config() if self.limits else "enabled", "users": users}
             },
         }
+        if self.control_password:
+            conf["accounts"]["MEMPHIS"]["imports"] = [
+                {"service": {"account": CONTROL_ACCOUNT, "subject": subject}, "share": True}
+                for subject in REQUEST_SUBJECTS
+            ]
+            conf["accounts"][CONTROL_ACCOUNT] = {
+                "users": [{"user": CONTROL_USER, "password": self.control_password}],
+                "exports": [{"service": subject} for subject in REQUEST_SUBJECTS],
+            }
         if self.connection_token:
             del conf["accounts"]
             conf["authorization"] = {"token": self.connection_token}

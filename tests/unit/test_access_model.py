@@ -56,7 +56,9 @@ def test_broker_permissions_of_a_literal_station_and_of_every_station() -> None:
     perms = user_permissions(["orders"], ["orders"])
     assert "orders$1.final" in perms["publish"]["allow"] and "orders$16.final" in perms["publish"]["allow"]
     assert "$JS.API.CONSUMER.MSG.NEXT.orders$1.*" in perms["publish"]["allow"]
-    assert "$memphis_station_creations" not in perms["publish"]["allow"]
+    # every control-plane request may be sent: the control plane answers it with the sender's rights
+    assert "$memphis_station_destructions" in perms["publish"]["allow"]
+    assert not [s for s in perms["publish"]["allow"] if s.startswith(("$JS.API.STREAM.DELETE", "$JS.API.CONSUMER.C"))]
     assert "*.final" in user_permissions(["*"], [])["publish"]["allow"]
     # a wildcard inside a name cannot be a NATS subject: nothing on the broker
     assert not [s for s in user_permissions(["web-*"], [])["publish"]["allow"] if "web" in s]
