@@ -85,7 +85,8 @@ class ProduceService:
         headers = message_headers(
             request.headers, idempotency_key=request.idempotency_key, partition_key=request.partition_key
         )
-        message = OutMessage(data=request.body.data, headers=headers)
+        is_json = media_type(request.body.content_type) == "application/json"
+        message = OutMessage(data=request.body.data, headers=headers, json=is_json)
         [error] = await self._broker.produce(
             ctx.require_principal().credentials, station, [message], producer_name(request.producer_name)
         )
@@ -100,7 +101,7 @@ class ProduceService:
         headers = message_headers(request.headers)
         if request.HasField("body"):
             check_content_type(request.body.content_type, ("application/json",), None)
-            messages = [OutMessage(data=data, headers=headers) for data in json_elements(request.body.data)]
+            messages = [OutMessage(data=data, headers=headers, json=True) for data in json_elements(request.body.data)]
         else:
             messages = proto_messages(request.messages, headers)
         await self._produce_all(ctx, station, messages, producer_name(request.producer_name))
