@@ -11,6 +11,8 @@ from dataclasses import replace
 from typing import Any
 
 from gateway.broker.catalogseam import (
+    DeadLetterState,
+    DeadLetterStore,
     NoCatalog,
     PartitionState,
     SchemaCatalog,
@@ -21,7 +23,9 @@ from gateway.broker.catalogseam import (
 )
 from gateway.core.errors import NotFound
 from gateway.embedded.catalog import Catalog
+from gateway.embedded.deadletters import DeadLetters
 from gateway.embedded.specs import AlreadyExists, StationSpec
+from gateway.servicers.deadletters import DeadLetterService
 from gateway.servicers.schemas import SchemaService
 from gateway.servicers.stations import StationService
 
@@ -161,8 +165,33 @@ class ManagedSchemas:
         await self._catalog.detach_schema(station)
 
 
-def management_servicers(catalog: Catalog | None) -> list[object]:
-    """The management servicers, over ``catalog`` (None: an external Memphis broker, no catalog of ours)."""
+class ManagedDeadLetters:
+    """``DeadLetterStore`` over the control plane's dead letters."""
+
+    def __init__(self, dead_letters: DeadLetters) -> None:
+        self._dead_letters = dead_letters
+
+    async def list_dead_letters(self, station: str) -> list[DeadLetterState]:
+        return [
+            DeadLetterState(
+                id=d.id, reason=d.reason, data=d.data, headers=d.headers, group=d.group, deliveries=d.deliveries,
+                partition=d.partition, sequence=d.sequence, validation_error=d.error,
+                producer_name=d.extra.get("Producer", ""), stored_at=d.stored_at,
+            )
+            for d in await self._dead_letters.letters(station)
+        ]
+
+    async def resend_dead_letters(self, station: str, ids: list[int]) -> tuple[int, list[int]]:
+        return await self._dead_letters.resend(station, ids)
+
+    async def purge_dead_letters(self, station: str) -> None:
+        await self._dead_letters.purge(station)
+
+
+def management_servicers(catalog: Catalog | None, dead_letters: DeadLetters | None = None) -> list[object]:
+    """The management servicers, over ``catalog`` and ``dead_letters`` (None: an external Memphis broker,
+    no catalog of ours)."""
     stations: StationCatalog = ManagedCatalog(catalog) if catalog is not None else NoCatalog()
     schemas: SchemaCatalog = ManagedSchemas(catalog) if catalog is not None else NoCatalog()
-    return [StationService(stations), SchemaService(schemas)]
+    letters: DeadLetterStore = ManagedDeadLetters(dead_letters) if dead_letters is not None else NoCatalog()
+    return [StationService(stations), SchemaService(schemas), DeadLetterService(letters)]

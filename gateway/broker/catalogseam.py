@@ -1,8 +1,9 @@
 """The seam between the management servicers and the station catalog.
 
-Stations and schemas are managed in the catalog the gateway's
+Stations, schemas and dead letters are managed in the catalog the gateway's
 control plane keeps (``gateway.embedded.catalog``), the one the Memphis SDKs see. The
-servicers see only :class:`StationCatalog` and :class:`SchemaCatalog`; ``gateway.management`` implements it over the
+servicers see only :class:`StationCatalog`, :class:`SchemaCatalog` and
+:class:`DeadLetterStore`; ``gateway.management`` implements it over the
 embedded catalog and ``gateway.app`` wires it in. Against an external Memphis broker there
 is no catalog of ours: :class:`NoCatalog` answers every call with FAILED_PRECONDITION.
 """
@@ -95,6 +96,31 @@ class SchemaCatalog(Protocol):
         """NOT_FOUND if the station is missing."""
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeadLetterState:
+    id: int
+    reason: str  # "poison" or "schema"
+    data: bytes
+    headers: dict[str, str]
+    group: str = ""
+    deliveries: int = 0
+    partition: int = 0
+    sequence: int = 0
+    validation_error: str = ""
+    producer_name: str = ""
+    stored_at: float = 0.0  # seconds since the epoch
+
+
+class DeadLetterStore(Protocol):
+    async def list_dead_letters(self, station: str) -> list[DeadLetterState]:
+        """Oldest first; NOT_FOUND if there is no such station."""
+
+    async def resend_dead_letters(self, station: str, ids: list[int]) -> tuple[int, list[int]]:
+        """(resent, the ids that are no dead letters of the station)."""
+
+    async def purge_dead_letters(self, station: str) -> None: ...
+
+
 NO_CATALOG = (
     "station and schema management needs the gateway's control plane: run with the embedded broker (no --broker) "
     "or with --control-plane on a NATS JetStream server; against a Memphis broker, manage them with Memphis"
@@ -137,4 +163,13 @@ class NoCatalog:
         raise self._refuse()
 
     async def detach_schema(self, station: str) -> None:
+        raise self._refuse()
+
+    async def list_dead_letters(self, station: str) -> list[DeadLetterState]:
+        raise self._refuse()
+
+    async def resend_dead_letters(self, station: str, ids: list[int]) -> tuple[int, list[int]]:
+        raise self._refuse()
+
+    async def purge_dead_letters(self, station: str) -> None:
         raise self._refuse()

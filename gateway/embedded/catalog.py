@@ -67,6 +67,7 @@ class Catalog:
     ) -> None:
         self._buckets = (stations_bucket, schemas_bucket)
         self._kv_replicas = kv_replicas
+        self.kv_replicas = kv_replicas  # the control plane's streams use as many
         self._nc: Client | None = None
         self._kvs: tuple[KeyValue, KeyValue] | None = None
         self._subs: list[Subscription] = []

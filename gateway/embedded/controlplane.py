@@ -48,6 +48,7 @@ from nats.aio.subscription import Subscription
 from gateway.core.errors import GatewayError, InvalidArgument, NotFound
 from gateway.core.names import validate_name
 from gateway.embedded.catalog import Catalog
+from gateway.embedded.deadletters import DeadLetters
 from gateway.embedded.specs import AlreadyExists, GroupSpec, StationSpec
 
 __all__ = ["QUEUE_GROUP", "ControlPlane"]
@@ -66,6 +67,7 @@ class ControlPlane:
         self.queue = queue
         self.drain_s = drain_s
         self.catalog = catalog or Catalog()
+        self.dead_letters = DeadLetters(self.catalog, queue=queue, replicas=self.catalog.kv_replicas)
         self._subs: list[Subscription] = []
         self._tasks: set[asyncio.Task[None]] = set()
         # subject -> (handler, whether its errors are sent as JSON)
@@ -84,6 +86,7 @@ class ControlPlane:
     async def start(self, nc: Client) -> None:
         """Open the catalog on ``nc`` (a connected client with JetStream) and start answering."""
         await self.catalog.open(nc)
+        await self.dead_letters.open(nc)
         for subject in self._routes:
             self._subs.append(await nc.subscribe(subject, queue=self.queue, cb=self._on_request))
         await nc.flush()
@@ -94,6 +97,7 @@ class ControlPlane:
         for sub in subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+        await self.dead_letters.close()
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=self.drain_s)
             for task in pending:
