@@ -200,7 +200,8 @@ class Gateway:
             MonitoringService(self.broker),
             UserService(self.directory),
             ApiKeyService(self.directory),
-            *management_servicers(self.control_plane.catalog if self.control_plane else None),
+            *management_servicers(self.control_plane.catalog if self.control_plane else None,
+                                  self.control_plane.dead_letters if self.control_plane else None),
         ]
         guard = Guard(
             tokens,

@@ -10,10 +10,23 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from gateway.broker.catalogseam import NoCatalog, PartitionState, StationCatalog, StationSettings
+from gateway.broker.catalogseam import (
+    DeadLetterState,
+    DeadLetterStore,
+    NoCatalog,
+    PartitionState,
+    SchemaCatalog,
+    SchemaState,
+    SchemaVersionState,
+    StationCatalog,
+    StationSettings,
+)
 from gateway.core.errors import NotFound
 from gateway.embedded.catalog import Catalog
+from gateway.embedded.deadletters import DeadLetters
 from gateway.embedded.specs import AlreadyExists, StationSpec
+from gateway.servicers.deadletters import DeadLetterService
+from gateway.servicers.schemas import SchemaService
 from gateway.servicers.stations import StationService
 
 # The settings a creation request compares with an existing station's (created_by & co. are not settings).
@@ -92,7 +105,93 @@ class ManagedCatalog:
             raise NotFound(f"Station {name} does not exist")
 
 
-def management_servicers(catalog: Catalog | None) -> list[object]:
-    """The management servicers, over ``catalog`` (None: an external Memphis broker, no catalog of ours)."""
+def schema_state(record: dict[str, Any], stations: list[str] | None = None) -> SchemaState:
+    return SchemaState(
+        name=str(record["name"]),
+        type=str(record["type"]),
+        versions=[
+            SchemaVersionState(
+                version_number=int(v["version_number"]),
+                definition=str(v["schema_content"]),
+                message_struct_name=str(v.get("message_struct_name") or ""),
+                descriptor=str(v.get("descriptor") or ""),
+                created_by=str(v.get("created_by") or ""),
+                created_at=float(v.get("created_at") or 0.0),
+            )
+            for v in record.get("versions", [])
+        ],
+        stations=stations or [],
+    )
+
+
+class ManagedSchemas:
+    """``SchemaCatalog`` over the embedded catalog (whose changes reach the SDKs' producers)."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self._catalog = catalog
+
+    async def create_schema(
+        self, name: str, schema_type: str, definition: str, message_struct_name: str, created_by: str
+    ) -> tuple[SchemaState, bool]:
+        created = True
+        try:
+            await self._catalog.create_schema(
+                name, schema_type, definition, created_by=created_by, message_struct_name=message_struct_name
+            )
+        except AlreadyExists:
+            created = False
+        record = await self._catalog.schema_record(name)
+        if record is None:  # deleted meanwhile
+            raise NotFound(f"Schema {name} does not exist")
+        return schema_state(record), created
+
+    async def list_schemas(self) -> list[SchemaState]:
+        return [schema_state(record) for record in await self._catalog.schema_records()]
+
+    async def describe_schema(self, name: str) -> SchemaState:
+        record = await self._catalog.schema_record(name)
+        if record is None:
+            raise NotFound(f"Schema {name} does not exist")
+        return schema_state(record, await self._catalog.stations_using(name))
+
+    async def delete_schema(self, name: str) -> None:
+        if not await self._catalog.delete_schema(name):
+            raise NotFound(f"Schema {name} does not exist")
+
+    async def attach_schema(self, station: str, schema_name: str) -> None:
+        await self._catalog.attach_schema(schema_name, station)
+
+    async def detach_schema(self, station: str) -> None:
+        await self._catalog.detach_schema(station)
+
+
+class ManagedDeadLetters:
+    """``DeadLetterStore`` over the control plane's dead letters."""
+
+    def __init__(self, dead_letters: DeadLetters) -> None:
+        self._dead_letters = dead_letters
+
+    async def list_dead_letters(self, station: str) -> list[DeadLetterState]:
+        return [
+            DeadLetterState(
+                id=d.id, reason=d.reason, data=d.data, headers=d.headers, group=d.group, deliveries=d.deliveries,
+                partition=d.partition, sequence=d.sequence, validation_error=d.error,
+                producer_name=d.extra.get("Producer", ""), stored_at=d.stored_at,
+            )
+            for d in await self._dead_letters.letters(station)
+        ]
+
+    async def resend_dead_letters(self, station: str, ids: list[int]) -> tuple[int, list[int]]:
+        return await self._dead_letters.resend(station, ids)
+
+    async def purge_dead_letters(self, station: str) -> None:
+        await self._dead_letters.purge(station)
+
+
+def management_servicers(catalog: Catalog | None, dead_letters: DeadLetters | None = None) -> list[object]:
+    """The management servicers, over ``catalog`` and ``dead_letters`` (None: an external Memphis broker,
+    no catalog of ours)."""
     stations: StationCatalog = ManagedCatalog(catalog) if catalog is not None else NoCatalog()
-    return [StationService(stations)]
+    schemas: SchemaCatalog = ManagedSchemas(catalog) if catalog is not None else NoCatalog()
+    letters: DeadLetterStore = ManagedDeadLetters(dead_letters) if dead_letters is not None else NoCatalog()
+    return [StationService(stations), SchemaService(schemas), DeadLetterService(letters)]

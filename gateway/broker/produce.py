@@ -17,7 +17,7 @@ import nats.errors
 
 from gateway.broker.natsutil import DOWN, RETRY_AFTER_S
 from gateway.broker.publisher import Publisher, encode_headers, header_lines
-from gateway.broker.sdk import sdk_call, validated
+from gateway.broker.sdk import protobuf_payload, sdk_call, validated
 from gateway.broker.seam import OutMessage
 from gateway.broker.sessions import ConnectionLost, Route, Session, SessionPool
 from gateway.core.errors import InvalidArgument, Unavailable
@@ -86,12 +86,16 @@ class Producing:
         blocks: dict[int, bytes] = {}  # header block per distinct headers dict (a batch shares one)
         items: list[tuple[str, bytes, bytes]] = []  # (subject, header block, payload)
         positions: list[int] = []
-        validate = self._schema(session, route, station, key) is not None
+        schema = self._schema(session, route, station, key)
+        protobuf = schema is not None and schema.get("type") == "protobuf"
         for i, message in enumerate(messages):
             payload = message.data
-            if validate:
+            if schema is not None:
                 try:
-                    payload = bytes(await validated(session.memphis, station, payload))
+                    if protobuf:  # JSON converted (protobuf-native producers), bytes checked
+                        payload = protobuf_payload(session.memphis, key, payload, message.json)
+                    else:
+                        payload = bytes(await validated(session.memphis, station, payload))
                 except InvalidArgument as exc:
                     errors[i] = exc.message
                     continue

@@ -12,6 +12,7 @@ and elsewhere in this package:
 - B6: schema validators are rebuilt when the station's schema push changes (``Producing._schema``);
 - B7: ``close()`` leaks consumer tasks: cancelled in :func:`close_session`;
 - B9: protobuf schemas use GetMessageClass instead of the removed GetPrototype (:func:`parse_descriptor`);
+- B12: memphis-py refuses protobuf payloads that are not UTF-8: checked here instead (:func:`protobuf_payload`);
 - ``fetch()`` ignores its wait time (5 s fixed): the gateway fetches from the subscriptions (``consume``).
 
 memphis-py reports every failure as ``MemphisError`` with a text only, so :func:`sdk_call` is the
@@ -24,7 +25,8 @@ import base64
 import contextlib
 from typing import Any
 
-from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf import descriptor_pb2, descriptor_pool, json_format
+from google.protobuf.message import DecodeError
 from google.protobuf.message_factory import GetMessageClass
 from memphis import Memphis
 from memphis.exceptions import MemphisError, MemphisSchemaError
@@ -89,3 +91,29 @@ def parse_descriptor(m: Memphis, station: str) -> None:
     package = desc_set.file[0].package
     name = f"{package}.{active['message_struct_name']}" if package else active["message_struct_name"]
     m.proto_msgs[station] = GetMessageClass(pool.FindMessageTypeByName(name))()
+
+
+def protobuf_payload(m: Memphis, key: str, data: bytes, is_json: bool) -> bytes:
+    """``data`` for a protobuf-schema station: JSON text converted to the schema's message, protobuf
+    bytes checked to parse as it; InvalidArgument naming what is wrong.
+
+    Not memphis-py's validate_msg: it refuses valid messages whose bytes are not UTF-8 (B12)."""
+    template = m.proto_msgs.get(key)
+    if template is None:
+        raise InvalidArgument("Schema validation has failed: the station's protobuf schema is not loaded yet, retry")
+    message = type(template)()
+    kind = message.DESCRIPTOR.full_name
+    if is_json:
+        try:
+            json_format.Parse(data, message)
+        except json_format.ParseError as exc:
+            raise InvalidArgument(f"Schema validation has failed: not a {kind}: {schema_error(str(exc))}") from None
+        except ValueError as exc:  # not UTF-8, too deep
+            raise InvalidArgument(f"Schema validation has failed: not a {kind}: {exc}") from None
+        return bytes(message.SerializeToString())
+    try:
+        message.ParseFromString(data)
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        raise InvalidArgument(f"Schema validation has failed: Invalid message format, expecting protobuf {kind} "
+                              f"({exc})") from None
+    return data

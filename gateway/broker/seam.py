@@ -23,6 +23,7 @@ class OutMessage:
 
     data: bytes
     headers: MessageHeaders = EMPTY  # validated; a batch's messages share one
+    json: bool = False  # data is JSON text (application/json): a protobuf-schema station converts it
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -48,10 +48,10 @@ from nats.js.errors import (
 )
 from nats.js.kv import KeyValue
 
-from gateway.core.errors import GatewayError, InvalidArgument, NotFound, Unavailable
+from gateway.core.errors import FailedPrecondition, GatewayError, InvalidArgument, NotFound, Unavailable
 from gateway.core.names import internal_name, stream_name
 from gateway.embedded.records import active_schema, broker_errors, check_name, dump, kv_key, station_spec
-from gateway.embedded.schemacheck import check_schema
+from gateway.embedded.schemacheck import check_schema, compile_proto
 from gateway.embedded.specs import AlreadyExists, GroupSpec, SchemaInfo, StationInfo, StationSpec, no_schema_update
 
 log = logging.getLogger("gateway.controlplane")
@@ -67,6 +67,7 @@ class Catalog:
     ) -> None:
         self._buckets = (stations_bucket, schemas_bucket)
         self._kv_replicas = kv_replicas
+        self.kv_replicas = kv_replicas  # the control plane's streams use as many
         self._nc: Client | None = None
         self._kvs: tuple[KeyValue, KeyValue] | None = None
         self._subs: list[Subscription] = []
@@ -375,6 +376,9 @@ class Catalog:
         check_name(name, "schema")
         name = name.lower()
         check_schema(schema_type, content)
+        descriptor = ""
+        if schema_type == "protobuf":
+            descriptor, message_struct_name = await compile_proto(content, message_struct_name)
         key = kv_key(name)
         async with self._locks[f"schema:{key}"]:
             entry = await self._get(self._schemas, key)
@@ -384,13 +388,15 @@ class Catalog:
             versions: list[dict[str, Any]] = record["versions"]
             if entry is not None and record["type"] != schema_type:
                 raise InvalidArgument(f"Schema {name} already exists with type {record['type']}")
-            if versions and versions[-1]["schema_content"] == content:
+            if versions and versions[-1]["schema_content"] == content and (
+                versions[-1].get("message_struct_name", "") == message_struct_name
+            ):
                 raise AlreadyExists(f"Schema {name} already exists")
             versions.append(
                 {
                     "version_number": len(versions) + 1,
                     "schema_content": content,
-                    "descriptor": "",
+                    "descriptor": descriptor,
                     "message_struct_name": message_struct_name,
                     "created_by": created_by,
                     "created_at": time.time(),
@@ -409,17 +415,55 @@ class Catalog:
             await self._push_to_stations_using(schema)
         return schema
 
-    async def _push_to_stations_using(self, schema: SchemaInfo) -> None:
+    async def schema_record(self, name: str) -> dict[str, Any] | None:
+        """The stored schema: ``{"name", "type", "versions": [...]}`` (the last version is active), or None."""
+        check_name(name, "schema")
+        entry = await self._get(self._schemas, kv_key(name))
+        if entry is None or not entry.value:
+            return None
+        record: dict[str, Any] = json.loads(entry.value)
+        return record
+
+    async def schema_records(self) -> list[dict[str, Any]]:
+        """Every stored schema, by name."""
+        records = []
         with broker_errors():
             try:
-                keys = await self._stations.keys()
+                keys = await self._schemas.keys()
             except NoKeysError:
-                return
+                return []
             for key in keys:
-                entry = await self._get(self._stations, key)
-                spec = station_spec(entry.value) if entry is not None else None
-                if spec is not None and spec.schema_name == schema.name:
-                    await self._push_schema(spec.name, 1, schema.schema_update())
+                entry = await self._get(self._schemas, key)
+                if entry is not None and entry.value:
+                    records.append(json.loads(entry.value))
+        return sorted(records, key=lambda record: str(record.get("name", "")))
+
+    async def stations_using(self, schema_name: str) -> list[str]:
+        """The stations enforcing the schema, by name."""
+        return [spec.name for spec in await self.station_specs() if spec.schema_name == schema_name.lower()]
+
+    async def delete_schema(self, name: str) -> bool:
+        """Delete the schema and its versions; False if there was none.
+
+        FailedPrecondition (HTTP 409) while a station enforces it."""
+        check_name(name, "schema")
+        key = kv_key(name)
+        async with self._locks[f"schema:{key}"]:
+            if await self._get(self._schemas, key) is None:
+                return False
+            if using := await self.stations_using(name):
+                raise FailedPrecondition(
+                    f"Schema {name.lower()} is attached to station(s) {', '.join(using)}: detach it first",
+                    http_status=409,
+                )
+            with broker_errors():
+                await self._schemas.delete(key)
+        log.info("deleted schema %s", name.lower())
+        return True
+
+    async def _push_to_stations_using(self, schema: SchemaInfo) -> None:
+        for station in await self.stations_using(schema.name):
+            await self._push_schema(station, 1, schema.schema_update())
 
     async def _push_schema(self, station: str, update_type: int, update: dict[str, Any]) -> None:
         payload = {"UpdateType": update_type, "init": update}

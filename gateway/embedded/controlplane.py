@@ -94,6 +94,7 @@ from nats.aio.subscription import Subscription
 from gateway.core.errors import GatewayError, InvalidArgument, NotFound, PermissionDenied
 from gateway.core.names import validate_name
 from gateway.embedded.catalog import Catalog
+from gateway.embedded.deadletters import DeadLetters
 from gateway.embedded.specs import AlreadyExists, GroupSpec, StationSpec
 
 __all__ = ["CONTROL_ACCOUNT", "CONTROL_USER", "QUEUE_GROUP", "REQUEST_SUBJECTS", "ControlPlane", "Rights"]
@@ -165,6 +166,7 @@ class ControlPlane:
         self.catalog = catalog or Catalog()
         self.rights = rights
         self.verified = verified
+        self.dead_letters = DeadLetters(self.catalog, queue=queue, replicas=self.catalog.kv_replicas)
         self._subs: list[Subscription] = []
         self._tasks: set[asyncio.Task[None]] = set()
         # subject -> (handler, whether its errors are sent as JSON); the keys are REQUEST_SUBJECTS
@@ -185,6 +187,7 @@ class ControlPlane:
         requests that reach ``requests_nc`` (default ``nc``; the ``CONTROL_USER`` connection when verified)."""
         await self.catalog.open(nc)
         listen = requests_nc or nc
+        await self.dead_letters.open(nc)
         for subject in self._routes:
             self._subs.append(await listen.subscribe(subject, queue=self.queue, cb=self._on_request))
         await listen.flush()
@@ -195,6 +198,7 @@ class ControlPlane:
         for sub in subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+        await self.dead_letters.close()
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=self.drain_s)
             for task in pending:

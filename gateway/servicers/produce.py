@@ -136,7 +136,8 @@ class ProduceService:
         headers = message_headers(
             request.headers, idempotency_key=request.idempotency_key, partition_key=request.partition_key
         )
-        message = OutMessage(data=request.body.data, headers=headers)
+        is_json = media_type(request.body.content_type) == "application/json"
+        message = OutMessage(data=request.body.data, headers=headers, json=is_json)
         [error] = await self._broker.produce(
             ctx.require_principal().credentials, station, [message], producer_name(request.producer_name)
         )
@@ -152,7 +153,7 @@ class ProduceService:
         if request.HasField("body"):
             check_content_type(request.body.content_type, ("application/json",), None)
             elements = json_elements(request.body.data, self._max_batch)
-            messages = [OutMessage(data=data, headers=headers) for data in elements]
+            messages = [OutMessage(data=data, headers=headers, json=True) for data in elements]
         else:
             self._check_count(len(request.messages))
             messages = proto_messages(request.messages, headers)

@@ -94,6 +94,10 @@ def test_contract_operations() -> None:
         "ApiKeyService_CreateApiKey", "ApiKeyService_ListApiKeys", "ApiKeyService_DeleteApiKey",
         "StationService_CreateStation", "StationService_ListStations", "StationService_GetStation",
         "StationService_DeleteStation",
+        "SchemaService_CreateSchema", "SchemaService_ListSchemas", "SchemaService_GetSchema",
+        "SchemaService_DeleteSchema", "SchemaService_AttachSchema", "SchemaService_DetachSchema",
+        "DeadLetterService_ListDeadLetters", "DeadLetterService_ResendDeadLetters",
+        "DeadLetterService_PurgeDeadLetters",
     }  # fmt: skip
     single = ops["ProduceService_ProduceSingle"]
     assert single["_path"] == "/stations/{station}/produce/single" and single["_method"] == "post"

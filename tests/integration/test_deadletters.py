@@ -1,0 +1,158 @@
+"""Dead letters over REST and gRPC: a message nacked max_msg_deliveries times lands in the station's
+dead-letter store with its group and delivery count, and is resent; memphis-py's schema refusals too."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any
+
+import grpc
+import pytest
+from memgw.v1 import deadletters_pb2, deadletters_pb2_grpc
+from memphis import Memphis
+from memphis.exceptions import MemphisSchemaError
+
+from tests.harness import ROOT_PASSWORD, ROOT_USER, Clients, bearer, running_gateway, settings_for
+
+
+@pytest.fixture(scope="module")
+async def gw(nats_server, tmp_path_factory) -> Clients:
+    async with running_gateway(settings_for(nats_server.url, tmp_path_factory.mktemp("gw"))) as clients:
+        yield clients
+
+
+@pytest.fixture(scope="module")
+async def token(gw: Clients) -> str:
+    return await gw.rest_token()
+
+
+def name() -> str:
+    return f"dl-{uuid.uuid4().hex[:8]}"
+
+
+async def delete(gw: Clients, path: str, token: str) -> tuple[int, Any]:
+    async with gw.http.delete(gw.base + path, headers={"Authorization": f"Bearer {token}"}) as resp:
+        return resp.status, json.loads(await resp.read())
+
+
+async def dead_letters(gw: Clients, station: str, token: str, want: int, seconds: float = 5.0) -> list[Any]:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while True:
+        status, body, _ = await gw.get(f"/stations/{station}/dls", token=token)
+        assert status == 200, body
+        if len(body["dead_letters"]) >= want or asyncio.get_running_loop().time() > deadline:
+            return list(body["dead_letters"])
+        await asyncio.sleep(0.1)
+
+
+async def nack_until_dead(gw: Clients, station: str, token: str, group: str, deliveries: int,
+                          last_messages: int = -1) -> None:
+    for _ in range(deliveries):
+        status, body, _ = await gw.post(f"/stations/{station}/consume/batch", {
+            "consumer_name": "c", "consumer_group": group, "batch_size": 10, "batch_max_wait_time_ms": 2000,
+            "ack_mode": "ACK_MODE_EXPLICIT", "max_msg_deliveries": deliveries, "last_messages": last_messages},
+            token=token)
+        assert status == 200 and len(body) == 1, body
+        status, reply, _ = await gw.post(f"/stations/{station}/ack", {"ack_ids": [body[0]["ack_id"]], "nack": True},
+                                         token=token)
+        assert status == 200, reply
+    # JetStream gives up (and advises) when the group next asks for messages
+    status, body, _ = await gw.post(f"/stations/{station}/consume/batch", {
+        "consumer_name": "c", "consumer_group": group, "batch_size": 10, "batch_max_wait_time_ms": 300,
+        "ack_mode": "ACK_MODE_EXPLICIT"}, token=token)
+    assert status == 200 and body == [], body
+
+
+async def test_poison_message_in_the_dls_and_resent_rest(gw: Clients, token: str) -> None:
+    station = name()
+    assert (await gw.post("/stations", {"name": station}, token=token))[0] == 200
+    status, _, _ = await gw.post(f"/stations/{station}/produce/single", raw=b"poison", token=token,
+                                 headers={"Content-Type": "text/plain", "X-Kind": "bad"})
+    assert status == 200
+    await nack_until_dead(gw, station, token, "g1", 2)
+    [letter] = await dead_letters(gw, station, token, 1)
+    assert letter["reason"] == "poison" and letter["message"] == "poison"
+    assert letter["consumer_group"] == "g1-rest-gateway" and letter["deliveries"] == 2
+    assert letter["partition"] == 1 and letter["sequence"] == 1 and letter["headers"]["X-Kind"] == "bad"
+    assert letter["timestamp"].endswith("Z")
+
+    status, body, _ = await gw.post(f"/stations/{station}/dls/resend", {"ids": [letter["id"], 999999]}, token=token)
+    assert status == 200 and body["resent"] == 1 and body["missing"] == [999999], body
+    assert await dead_letters(gw, station, token, 0, seconds=0) == []
+    # back in the station: a new group reads the original and the resent copy
+    status, body, _ = await gw.post(f"/stations/{station}/consume/batch", {
+        "consumer_name": "c", "consumer_group": "g2", "batch_size": 10, "batch_max_wait_time_ms": 1000}, token=token)
+    assert [m["message"] for m in body] == ["poison", "poison"] and body[1]["headers"]["X-Kind"] == "bad"
+
+    # purge (another station's dead letters stay)
+    other = name()
+    await gw.post(f"/stations/{other}/produce/single", raw=b"again", token=token,
+                  headers={"Content-Type": "text/plain"})
+    await nack_until_dead(gw, other, token, "g3", 1)
+    assert len(await dead_letters(gw, other, token, 1)) == 1
+    await gw.post(f"/stations/{station}/produce/single", raw=b"third", token=token,
+                  headers={"Content-Type": "text/plain"})
+    await nack_until_dead(gw, station, token, "g4", 1, last_messages=1)
+    assert len(await dead_letters(gw, station, token, 1)) == 1
+    assert await delete(gw, f"/stations/{other}/dls", token) == (200, {"error": None, "success": True})
+    assert await dead_letters(gw, other, token, 0, seconds=0) == []
+    assert len(await dead_letters(gw, station, token, 1, seconds=0)) == 1
+    await delete(gw, f"/stations/{other}", token)
+
+    status, body, _ = await gw.get("/stations/nope-dl/dls", token=token)
+    assert status == 404
+    status, body, _ = await gw.post(f"/stations/{station}/dls/resend", {"ids": []}, token=token)
+    assert status == 400 and "ids is required" in body["error"]
+    await delete(gw, f"/stations/{station}", token)
+
+
+async def test_poison_off_keeps_no_dead_letter(gw: Clients, token: str) -> None:
+    station = name()
+    await gw.post("/stations", {"name": station, "dls": {"poison": False}}, token=token)
+    await gw.post(f"/stations/{station}/produce/single", raw=b"x", token=token, headers={"Content-Type": "text/plain"})
+    await nack_until_dead(gw, station, token, "g", 1)
+    assert await dead_letters(gw, station, token, 1, seconds=1.0) == []
+    await delete(gw, f"/stations/{station}", token)
+
+
+async def test_dead_letters_grpc(gw: Clients, token: str) -> None:
+    md = bearer(await gw.grpc_token())
+    stub = deadletters_pb2_grpc.DeadLetterServiceStub(gw.channel)
+    station = name()
+    await gw.post("/stations", {"name": station}, token=token)
+    await gw.post(f"/stations/{station}/produce/single", raw=b"p", token=token, headers={"Content-Type": "text/plain"})
+    await nack_until_dead(gw, station, token, "g", 1)
+    await dead_letters(gw, station, token, 1)
+    listed = await stub.ListDeadLetters(deadletters_pb2.ListDeadLettersRequest(station=station), metadata=md)
+    [letter] = listed.dead_letters
+    assert letter.data == b"p" and letter.reason == "poison" and letter.deliveries == 1
+    reply = await stub.ResendDeadLetters(deadletters_pb2.ResendDeadLettersRequest(station=station, ids=[letter.id]),
+                                         metadata=md)
+    assert reply.resent == 1 and not reply.missing
+    await stub.PurgeDeadLetters(deadletters_pb2.PurgeDeadLettersRequest(station=station), metadata=md)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.ListDeadLetters(deadletters_pb2.ListDeadLettersRequest(station="nope-dl"), metadata=md)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    await delete(gw, f"/stations/{station}", token)
+
+
+async def test_memphis_py_schema_refusal_in_the_dls(gw: Clients, token: str, nats_server) -> None:
+    station, schema = name(), name()
+    definition = json.dumps({"type": "object", "required": ["a"]})
+    await gw.post("/schemas", {"name": schema, "type": "json", "definition": definition}, token=token)
+    await gw.post("/stations", {"name": station, "schema_name": schema}, token=token)
+    m = Memphis()
+    await m.connect(host="127.0.0.1", port=nats_server.port, username=ROOT_USER, password=ROOT_PASSWORD,
+                    timeout_ms=3000)
+    try:
+        producer = await m.producer(station_name=station, producer_name="sdk-dl", timeout_retries=0)
+        with pytest.raises(MemphisSchemaError):
+            await producer.produce(bytearray(b'{"b": 1}'))
+    finally:
+        await m.close()
+    [letter] = await dead_letters(gw, station, token, 1)
+    assert letter["reason"] == "schema" and letter["message"] == '{"b": 1}' and letter["producer_name"] == "sdk-dl"
+    assert "'a' is a required property" in letter["validation_error"]
+    await delete(gw, f"/stations/{station}", token)
