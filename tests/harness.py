@@ -102,6 +102,12 @@ def _json(raw: bytes) -> Any:
         return raw
 
 
+def is_unauthorized(body: Any) -> bool:
+    """The upstream's 401 body ``{"message": "Unauthorized"}``, plus (ours) the ``reason`` it was refused."""
+    return isinstance(body, dict) and body.get("message") == "Unauthorized" and set(body) <= {"message", "reason"} \
+        and bool(body.get("reason"))
+
+
 def bearer(token: str) -> tuple[tuple[str, str]]:
     return (("authorization", f"Bearer {token}"),)
 
