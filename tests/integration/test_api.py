@@ -20,20 +20,7 @@ from tests.harness import (
     bearer,
     is_unauthorized,
     jwt_payload,
-    running_gateway,
-    settings_for,
 )
-
-
-@pytest.fixture(scope="module")
-async def gw(nats_server, tmp_path_factory) -> Clients:
-    async with running_gateway(settings_for(nats_server.url, tmp_path_factory.mktemp("gw"))) as clients:
-        yield clients
-
-
-@pytest.fixture(scope="module")
-async def token(gw: Clients) -> str:
-    return await gw.rest_token()
 
 
 def station() -> str:

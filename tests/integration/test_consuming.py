@@ -7,23 +7,11 @@ import asyncio
 import datetime
 import uuid
 
-import pytest
 from memgw.v1 import consume_pb2, produce_pb2
 
 from gateway.core.names import stream_name
 from tests.conftest import connect_root
-from tests.harness import Clients, bearer, running_gateway, settings_for
-
-
-@pytest.fixture(scope="module")
-async def gw(nats_server, tmp_path_factory) -> Clients:
-    async with running_gateway(settings_for(nats_server.url, tmp_path_factory.mktemp("gw"))) as clients:
-        yield clients
-
-
-@pytest.fixture(scope="module")
-async def token(gw: Clients) -> str:
-    return await gw.rest_token()
+from tests.harness import Clients, bearer
 
 
 def name() -> str:

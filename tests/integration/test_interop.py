@@ -10,13 +10,7 @@ from memgw.v1 import produce_pb2
 from memphis import Headers, Memphis
 
 from tests.conftest import connect_root
-from tests.harness import ROOT_PASSWORD, ROOT_USER, Clients, bearer, running_gateway, settings_for
-
-
-@pytest.fixture(scope="module")
-async def gw(nats_server, tmp_path_factory) -> Clients:
-    async with running_gateway(settings_for(nats_server.url, tmp_path_factory.mktemp("gw"))) as clients:
-        yield clients
+from tests.harness import ROOT_PASSWORD, ROOT_USER, Clients, bearer
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from memphis import Memphis
 from memphis.exceptions import MemphisSchemaError
 
 from gateway.broker.sdk import parse_descriptor
-from tests.harness import ROOT_PASSWORD, ROOT_USER, Clients, bearer, running_gateway, settings_for
+from tests.harness import ROOT_PASSWORD, ROOT_USER, Clients, bearer
 
 ORDER_PROTO = """syntax = "proto3";
 package shop;
@@ -36,17 +36,6 @@ message Other {
 
 NEEDS_A = json.dumps({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]})
 NEEDS_B = json.dumps({"type": "object", "properties": {"b": {"type": "integer"}}, "required": ["b"]})
-
-
-@pytest.fixture(scope="module")
-async def gw(nats_server, tmp_path_factory) -> Clients:
-    async with running_gateway(settings_for(nats_server.url, tmp_path_factory.mktemp("gw"))) as clients:
-        yield clients
-
-
-@pytest.fixture(scope="module")
-async def token(gw: Clients) -> str:
-    return await gw.rest_token()
 
 
 def name(prefix: str = "sc") -> str:

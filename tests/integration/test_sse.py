@@ -18,18 +18,7 @@ from aiohttp import web
 from memgw.v1 import consume_pb2
 
 from gateway.transcoding import forward
-from tests.harness import Clients, bearer, running_gateway, settings_for
-
-
-@pytest.fixture(scope="module")
-async def gw(nats_server, tmp_path_factory) -> Clients:
-    async with running_gateway(settings_for(nats_server.url, tmp_path_factory.mktemp("gw"))) as clients:
-        yield clients
-
-
-@pytest.fixture(scope="module")
-async def token(gw: Clients) -> str:
-    return await gw.rest_token()
+from tests.harness import Clients, bearer
 
 
 def name() -> str:

@@ -13,17 +13,6 @@ from memphis import Memphis
 from tests.harness import ROOT_PASSWORD, ROOT_USER, Clients, bearer, running_gateway, settings_for
 
 
-@pytest.fixture(scope="module")
-async def gw(nats_server, tmp_path_factory) -> Clients:
-    async with running_gateway(settings_for(nats_server.url, tmp_path_factory.mktemp("gw"))) as clients:
-        yield clients
-
-
-@pytest.fixture(scope="module")
-async def token(gw: Clients) -> str:
-    return await gw.rest_token()
-
-
 def name() -> str:
     return f"mg-{uuid.uuid4().hex[:8]}"
 
