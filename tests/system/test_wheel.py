@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.system.test_cli import free_port, wait_http
+from tests.processes import free_port, wait_http
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(300)

@@ -10,20 +10,15 @@ there within --body-read-timeout-s is 408, its connection closed.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import aiohttp
 import psutil
 import pytest
 
-from tests.harness import JWT_SECRET
-from tests.system.test_slow_clients import Gateway, free_port
+from tests.processes import GatewayProcess as Gateway
+from tests.processes import spawn_gateway
 
 BODY_TIMEOUT_S = 2.0
 TOKENLESS, TOKENLESS_BYTES = 100, 8 * 1024 * 1024 - 1
@@ -31,45 +26,15 @@ TRICKLERS = 300
 MB = 1024 * 1024
 
 
-def spawn(tmp: Path) -> Gateway:
-    http = free_port()
-    log = tmp / "gateway.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--http-port", str(http), "--grpc-port", str(free_port()),
-             "--broker-port", str(free_port()), "--data-dir", str(tmp / "data"), "--log-level", "WARNING",
-             "--body-read-timeout-s", str(BODY_TIMEOUT_S)],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "MEMPHIS_GATEWAY_JWT_SECRET": JWT_SECRET},
-        )
-    return Gateway(proc, http, log)
-
-
 @pytest.fixture(scope="module")
 async def gateway(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Gateway]:
-    gw = spawn(tmp_path_factory.mktemp("edge"))
-    proc, log = gw.proc, gw.log
+    tmp = tmp_path_factory.mktemp("edge")
+    gw = spawn_gateway(tmp / "data", tmp / "gateway.log", "--log-level", "WARNING",
+                       "--body-read-timeout-s", str(BODY_TIMEOUT_S))
     try:
-        deadline = time.monotonic() + 30
-        async with aiohttp.ClientSession() as session:
-            while True:
-                assert proc.poll() is None, log.read_text()
-                try:
-                    async with session.get(gw.base + "/monitoring/status") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                assert time.monotonic() < deadline, log.read_text()
-                await asyncio.sleep(0.1)
-        yield gw
+        yield await gw.ready()
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(asyncio.to_thread(proc.wait), 15)
-            except TimeoutError:
-                proc.kill()
-                proc.wait()
+        await asyncio.to_thread(gw.stop)
 
 
 @pytest.fixture(scope="module")
