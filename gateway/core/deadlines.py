@@ -3,9 +3,10 @@
 Every call has a deadline and every publish an acknowledgement timeout, and nearly all of
 them are met. With uvloop, arming and cancelling a loop timer costs about 2 us (a libuv
 timer each), which is several percent of a small request. Here a deadline is an entry in
-a bucket of ``RESOLUTION_S`` width, and one loop timer ticks every ``RESOLUTION_S`` while
-any are pending: a deadline fires up to ``RESOLUTION_S`` late, never early. A tick touches
-only the buckets that came due, so idle waits (10,000 long polls) cost nothing per tick.
+a bucket of ``RESOLUTION_S`` width, and one loop timer is armed for the earliest bucket
+that holds anything: a deadline fires up to ``RESOLUTION_S`` late, never early. A busy
+gateway ticks about every ``RESOLUTION_S``; 10,000 idle long polls whose deadlines lie a
+minute ahead cost one timer a minute, not a sweep every 10 ms.
 
 Two ways to use it: ``at(when, callback, arg)`` / ``cancel(handle)`` on the hot path, and
 ``async with deadlines().timeout(seconds):`` (like ``asyncio.timeout``) everywhere else.
@@ -14,6 +15,7 @@ Two ways to use it: ``at(when, callback, arg)`` / ``cancel(handle)`` on the hot 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 import logging
 import threading
@@ -31,11 +33,13 @@ class Deadlines:
     def __init__(self, resolution_s: float = RESOLUTION_S) -> None:
         self._resolution = resolution_s
         self._buckets: dict[int, dict[int, tuple[Callable[[Any], object], Any]]] = {}
+        self._slots: list[int] = []  # heap of the buckets' slots (some may be gone: skipped when popped)
         self._count = 0
         self._fired = 0  # every bucket up to this one has fired
         self._keys = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tick: asyncio.TimerHandle | None = None
+        self._tick_slot = 0  # the slot the armed timer fires for
 
     def loop(self) -> asyncio.AbstractEventLoop:
         """The running loop, without ``asyncio.get_running_loop()``'s getpid() system call each time."""
@@ -43,20 +47,24 @@ class Deadlines:
         if loop is None or not loop.is_running():
             running = asyncio.get_running_loop()
             if running is not loop:  # a new loop (tests run several): what the old one held is gone
-                self._loop, self._buckets, self._count, self._tick = running, {}, 0, None
+                self._loop, self._buckets, self._slots, self._count, self._tick = running, {}, [], 0, None
             loop = running
         return loop
 
     def at(self, when: float, callback: Callable[[Any], object], arg: Any) -> Handle:
         """Call ``callback(arg)`` once ``time.monotonic()`` has passed ``when``; returns a handle for ``cancel``."""
         loop = self.loop()
-        if self._tick is None:
+        if self._tick is None and not self._count:
             self._fired = int(time.monotonic() / self._resolution)
-            self._tick = loop.call_later(self._resolution, self._fire)
         slot = max(int(when / self._resolution) + 1, self._fired + 1)  # +1: never early
         bucket = self._buckets.get(slot)
         if bucket is None:
             bucket = self._buckets[slot] = {}
+            heapq.heappush(self._slots, slot)
+            if self._tick is None or slot < self._tick_slot:  # the earliest bucket: (re)arm for it
+                if self._tick is not None:
+                    self._tick.cancel()
+                self._arm(loop, slot)
         key = next(self._keys)
         bucket[key] = (callback, arg)
         self._count += 1
@@ -76,12 +84,18 @@ class Deadlines:
         """``async with deadlines().timeout(s):`` raises TimeoutError when the block runs past ``s`` seconds."""
         return Timeout(self, time.monotonic() + seconds)
 
+    def _arm(self, loop: asyncio.AbstractEventLoop, slot: int) -> None:
+        self._tick_slot = slot
+        self._tick = loop.call_later(max(slot * self._resolution - time.monotonic(), 0.001), self._fire)
+
     def _fire(self) -> None:
         now = int(time.monotonic() / self._resolution)
+        self._tick = None
         try:
-            for slot in range(self._fired + 1, now + 1):
-                bucket = self._buckets.pop(slot, None)
-                if bucket is None:
+            slots = self._slots
+            while slots and slots[0] <= now:
+                bucket = self._buckets.pop(heapq.heappop(slots), None)
+                if bucket is None:  # emptied by cancel()
                     continue
                 self._count -= len(bucket)
                 for callback, arg in bucket.values():
@@ -91,8 +105,11 @@ class Deadlines:
                         log.exception("deadline callback %r failed", callback)
             self._fired = max(self._fired, now)
         finally:
-            assert self._loop is not None
-            self._tick = self._loop.call_later(self._resolution, self._fire) if self._count else None
+            while self._slots and self._slots[0] not in self._buckets:  # drop the slots of emptied buckets
+                heapq.heappop(self._slots)
+            if self._slots and self._tick is None:
+                assert self._loop is not None
+                self._arm(self._loop, self._slots[0])
 
 
 class Timeout:

@@ -62,3 +62,30 @@ async def test_a_failing_callback_stops_neither_the_others_nor_the_ticking() -> 
     d.at(now + 0.05, fired.append, "later tick")
     await asyncio.sleep(0.12)
     assert fired == ["same tick", "later tick"]
+
+
+async def test_far_deadlines_arm_one_timer_not_a_sweep() -> None:
+    """10,000 idle long polls a minute from their deadline must not tick every 10 ms."""
+    import time
+
+    from gateway.core.deadlines import Deadlines
+
+    timers = Deadlines()
+    fired: list[int] = []
+    ticks = 0
+    original = timers._fire
+
+    def counting() -> None:
+        nonlocal ticks
+        ticks += 1
+        original()
+
+    timers._fire = counting  # type: ignore[method-assign]
+    handles = [timers.at(time.monotonic() + 60, fired.append, i) for i in range(10_000)]
+    near = timers.at(time.monotonic() + 0.05, fired.append, -1)
+    await asyncio.sleep(0.3)
+    assert fired == [-1] and ticks <= 3  # before: a sweep every 10 ms, ~30 here
+    for h in handles:
+        timers.cancel(h)
+    timers.cancel(near)
+    assert len(timers) == 0
