@@ -169,7 +169,6 @@ class Gateway:
             root=Credentials(username=s.root_user, account_id=1, password=root_password, connection_token=root_token),
             mode=s.auth_mode,
         )
-        tokens = TokenService(s.jwt_secret)
         self.directory = Directory(tokens, s.root_user, managed=s.answers_control_plane)
         if self.embedded is not None:
             self.directory.broker_sync = users_applier(self.embedded)
