@@ -29,16 +29,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import nats
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2
+from nats.aio.client import Client as NatsClient
 
 from gateway.auth.directory import Directory, UserRecord
 from gateway.auth.guard import Guard
 from gateway.auth.throttle import LoginThrottle
 from gateway.auth.tokens import TokenService, choose
 from gateway.broker.adapter import MemphisBroker
-from gateway.broker.natsutil import parse_servers, tls_context
+from gateway.broker.natsutil import parse_servers, tls_context, tls_failure
 from gateway.broker.sessions import RECONNECT_WAIT_S
 from gateway.core.deadlines import timeout
 from gateway.core.identity import Credentials
@@ -107,6 +107,10 @@ def embedded_broker(s: Settings) -> EmbeddedBroker:
     return EmbeddedBroker(data_dir=s.data_dir, port=s.broker_port, root_user=s.root_user,
                           root_password=s.root_password, limits=limits,
                           connection_token=s.connection_token if s.auth_mode == "token" else "")
+
+
+class BrokerRefused(RuntimeError):
+    """The broker cannot be reached with this configuration (no retry helps); the message says what to set."""
 
 
 class PortInUse(RuntimeError):
@@ -239,8 +243,16 @@ class Gateway:
         )
         cp_log = logging.getLogger("gateway.broker")
         down_since: list[float] = []
+        # the first connect retries forever (a broker that starts later is waited for), except a failed
+        # TLS handshake: no retry fixes a missing or untrusted certificate, so start-up fails and says why
+        refused: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
         async def on_error(exc: Exception) -> None:
+            if refused.done() and not refused.cancelled():
+                return  # start-up is failing with the reason already
+            if not refused.done() and (why := tls_failure(exc, broker_url, tls)) is not None:
+                refused.set_result(why)
+                return
             if not down_since:  # one line per outage, not one per reconnect attempt
                 cp_log.warning("control-plane connection: %s", exc or type(exc).__name__)
 
@@ -253,18 +265,29 @@ class Gateway:
             took = time.monotonic() - down_since.pop() if down_since else 0.0
             cp_log.info("control-plane connection re-established after %.1f s", took)
 
-        nc = await nats.connect(
-            servers,
+        options: dict[str, Any] = {
             **credentials,
-            tls=tls_context(tls),
-            name="memphis-gateway::control-plane",
-            connect_timeout=s.broker_timeout_s,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=RECONNECT_WAIT_S,
-            error_cb=on_error,
-            disconnected_cb=on_disconnected,
-            reconnected_cb=on_reconnected,
-        )
+            "tls": tls_context(tls),
+            "name": "memphis-gateway::control-plane",
+            "connect_timeout": s.broker_timeout_s,
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": RECONNECT_WAIT_S,
+            "error_cb": on_error,
+            "disconnected_cb": on_disconnected,
+            "reconnected_cb": on_reconnected,
+        }
+        nc = NatsClient()
+        connecting = asyncio.ensure_future(nc.connect(servers, **options))
+        await asyncio.wait((connecting, refused), return_when=asyncio.FIRST_COMPLETED)
+        if not connecting.done():
+            connecting.cancel()
+            with contextlib.suppress(BaseException):
+                await connecting
+            with contextlib.suppress(Exception):
+                await nc.close()
+            raise BrokerRefused(refused.result())
+        refused.cancel()
+        connecting.result()
         return nc
 
     async def _abort_stalled_sends(self) -> None:

@@ -34,7 +34,7 @@ from memphis.exceptions import MemphisError
 
 from gateway.broker.natsutil import DOWN, DOWN_SHORT, RETRY_AFTER_S, check_token, parse_servers, probe, tls_files
 from gateway.broker.publisher import Publisher
-from gateway.broker.sdk import abandon, parse_descriptor
+from gateway.broker.sdk import abandon, parse_descriptor, tls_safe
 from gateway.core.deadlines import timeout
 from gateway.core.errors import Unauthenticated, Unavailable
 from gateway.core.identity import Credentials
@@ -312,7 +312,7 @@ class SessionPool:
                 continue
             if creds.connection_token:  # memphis-py has no ping connection for tokens: it would retry
                 await check_token(host, port, creds, self._timeout, self._tls)  # a refused token forever
-            m = Memphis()
+            m = tls_safe(Memphis())
             try:
                 async with timeout(self._timeout):  # its ping connection would retry forever
                     await m.connect(
