@@ -32,7 +32,16 @@ import orjson
 from memphis import Memphis
 from memphis.exceptions import MemphisError
 
-from gateway.broker.natsutil import DOWN, DOWN_SHORT, RETRY_AFTER_S, check_token, parse_servers, probe, tls_files
+from gateway.broker.natsutil import (
+    DOWN,
+    DOWN_SHORT,
+    RETRY_AFTER_S,
+    check_token,
+    parse_servers,
+    probe,
+    tls_failure,
+    tls_files,
+)
 from gateway.broker.publisher import Publisher
 from gateway.broker.sdk import abandon, parse_descriptor, tls_safe
 from gateway.core.deadlines import timeout
@@ -334,7 +343,8 @@ class SessionPool:
                 if "authorization" in text or "authentication" in text:
                     raise Unauthenticated(f"broker refused {creds.username}",
                                           why="credentials refused by the broker") from None
-                reasons.append(f"{host}:{port}")
+                why = tls_failure(exc, f"{host}:{port}", self._tls, suspect_closed=True)  # for the operator's log only
+                reasons.append(f"{host}:{port} ({why or exc})")
                 continue
             except TimeoutError:
                 await abandon(m)

@@ -118,9 +118,14 @@ def gateway_env(http_port: int, grpc_port: int, **tls: str) -> dict[str, str]:
     return env
 
 
-def serve(broker: EmbeddedBroker, env: dict[str, str], cwd: Path) -> subprocess.Popen[str]:
+def serve(
+    broker: EmbeddedBroker, env: dict[str, str], cwd: Path, *, control_plane: bool = True
+) -> subprocess.Popen[str]:
+    """``memphis-gateway serve --broker``: with --control-plane in front of a plain nats-server (the broker is met
+    at start-up), without it as in front of Memphis (the broker is met at the first login)."""
+    flags = ["--control-plane"] if control_plane else []
     return subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--broker", f"127.0.0.1:{broker.port}", "--control-plane",
+        [sys.executable, "-m", "gateway", "serve", "--broker", f"127.0.0.1:{broker.port}", *flags,
          "--broker-timeout-s", "3"], env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -219,3 +224,32 @@ async def http_request(method: str, url: str, headers: dict[str, str], body: byt
 
 def _json(raw: bytes) -> Any:
     return json.loads(raw)
+
+
+@pytest.mark.parametrize("case", ["no client certificate", "a certificate another CA signed"])
+async def test_in_front_of_memphis_a_login_is_503_and_the_log_says_why(
+    case: str, tls_broker: TlsBroker, pki: dict[str, Path], tmp_path: Path
+) -> None:
+    """Without --control-plane the broker is met at the first login (memphis-py): 503 to the caller (a server
+    problem, no detail for an anonymous caller), the reason and what to set in the operator's log."""
+    tls: dict[str, str] = {}
+    if case != "no client certificate":
+        other = make_pki(tmp_path, "other")
+        tls = {"CLIENT_CERT_PATH": str(other["client_cert"]), "CLIENT_KEY_PATH": str(other["client_key"]),
+               "ROOT_CA_PATH": str(pki["ca"])}
+    http = free_port()
+    proc = serve(tls_broker, gateway_env(http, free_port(), **tls), tmp_path, control_plane=False)
+    try:
+        wait_up(f"http://127.0.0.1:{http}/monitoring/live", proc)
+        status, body, _ = await http_request("POST", f"http://127.0.0.1:{http}/auth/authenticate",
+                                             {"Content-Type": "application/json"},
+                                             b'{"username": "root", "password": "%s"}' % ROOT_PASSWORD.encode())
+        assert status == 503 and b"TLS" not in body, body
+    finally:
+        log = stop(proc)
+    warning = next(line for line in log.splitlines() if "broker unavailable: cannot connect to" in line)
+    if case == "no client certificate":
+        assert "set CLIENT_CERT_PATH, CLIENT_KEY_PATH and ROOT_CA_PATH" in warning, warning
+    else:
+        assert "CLIENT_CERT_PATH, --broker-tls-cert" in warning and "a CA the broker trusts" in warning, warning
+    assert "Traceback" not in log and ROOT_PASSWORD not in log
