@@ -48,6 +48,8 @@ test_packages() {
   for p in $TEST_PACKAGES; do
     dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"
   done
+  # the Node SDK test (npm install memphis-dev); by command: nodesource's nodejs bundles npm
+  command -v npm >/dev/null 2>&1 || missing="$missing nodejs npm"
   [ -z "$missing" ] && return 0
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "dev.sh: installing what the system tests drive:$missing (apt-get)" >&2

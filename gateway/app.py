@@ -33,13 +33,14 @@ from typing import Any
 import nats
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2
+from nats.aio.client import Client as NatsClient
 
 from gateway.auth.directory import Directory, UserRecord
 from gateway.auth.guard import Guard
 from gateway.auth.throttle import LoginThrottle
 from gateway.auth.tokens import TokenService, choose
 from gateway.broker.adapter import MemphisBroker
-from gateway.broker.natsutil import parse_servers, tls_context
+from gateway.broker.natsutil import parse_servers, tls_context, tls_failure
 from gateway.broker.sessions import RECONNECT_WAIT_S
 from gateway.core.deadlines import timeout
 from gateway.core.identity import Credentials
@@ -121,6 +122,10 @@ def control_password(s: Settings) -> str:
     return derive_key(s.jwt_secret, "control-plane-user").hex() if s.jwt_secret else ""
 
 
+class BrokerRefused(RuntimeError):
+    """The broker cannot be reached with this configuration (no retry helps); the message says what to set."""
+
+
 class PortInUse(RuntimeError):
     """A listener's port cannot be bound; the message names the flag that changes it."""
 
@@ -181,7 +186,6 @@ class Gateway:
             root=Credentials(username=s.root_user, account_id=1, password=root_password, connection_token=root_token),
             mode=s.auth_mode,
         )
-        tokens = TokenService(s.jwt_secret)
         self.directory = Directory(tokens, s.root_user, managed=s.answers_control_plane)
         if self.embedded is not None:
             self.directory.broker_sync = users_applier(self.embedded)
@@ -290,8 +294,16 @@ class Gateway:
         )
         cp_log = logging.getLogger("gateway.broker")
         down_since: list[float] = []
+        # the first connect retries forever (a broker that starts later is waited for), except a failed
+        # TLS handshake: no retry fixes a missing or untrusted certificate, so start-up fails and says why
+        refused: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
         async def on_error(exc: Exception) -> None:
+            if refused.done() and not refused.cancelled():
+                return  # start-up is failing with the reason already
+            if not refused.done() and (why := tls_failure(exc, broker_url, tls)) is not None:
+                refused.set_result(why)
+                return
             if not down_since:  # one line per outage, not one per reconnect attempt
                 cp_log.warning("control-plane connection: %s", exc or type(exc).__name__)
 
@@ -304,18 +316,29 @@ class Gateway:
             took = time.monotonic() - down_since.pop() if down_since else 0.0
             cp_log.info("control-plane connection re-established after %.1f s", took)
 
-        nc = await nats.connect(
-            servers,
+        options: dict[str, Any] = {
             **credentials,
-            tls=tls_context(tls),
-            name=name,
-            connect_timeout=s.broker_timeout_s,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=RECONNECT_WAIT_S,
-            error_cb=on_error,
-            disconnected_cb=on_disconnected,
-            reconnected_cb=on_reconnected,
-        )
+            "tls": tls_context(tls),
+            "name": name,
+            "connect_timeout": s.broker_timeout_s,
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": RECONNECT_WAIT_S,
+            "error_cb": on_error,
+            "disconnected_cb": on_disconnected,
+            "reconnected_cb": on_reconnected,
+        }
+        nc = NatsClient()
+        connecting = asyncio.ensure_future(nc.connect(servers, **options))
+        await asyncio.wait((connecting, refused), return_when=asyncio.FIRST_COMPLETED)
+        if not connecting.done():
+            connecting.cancel()
+            with contextlib.suppress(BaseException):
+                await connecting
+            with contextlib.suppress(Exception):
+                await nc.close()
+            raise BrokerRefused(refused.result())
+        refused.cancel()
+        connecting.result()
         return nc
 
     async def _abort_stalled_sends(self) -> None:

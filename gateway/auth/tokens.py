@@ -13,14 +13,15 @@ under ``REFRESH_JWT_SECRET``), and its legacy ``{"exp"}``-only access tokens, wh
 user, as upstream. The credentials they carry open the broker session; the tokens issued in their
 place are ours (sealed).
 
-Refresh tokens we issue are single-use: a used one's ``jti`` is remembered until it expires and a
-second use is refused ("refresh token already used"). The memory is this process's: with several
+Refresh tokens are single-use: a used one's ``jti`` (an upstream one's SHA-256) is remembered until it
+expires and a second use is refused ("refresh token already used"). The memory is this process's: with several
 replicas, a refresh token can be used once per replica (README, "Replicas").
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import time
 import uuid
@@ -181,8 +182,8 @@ class TokenService:
         """``verify(token, REFRESH)``, once: a refresh token we issued is refused after its first use."""
         principal, creds = self.verify(token, REFRESH)
         jti, exp = _jti(token)
-        if jti is None:  # an upstream refresh token: no jti to remember (it has no replacement either)
-            return principal, creds
+        if jti is None:  # an upstream refresh token has no jti: its digest stands for it
+            jti = "sha256:" + hashlib.sha256(token.encode()).hexdigest()
         now = time.time()
         if self._used.get(jti, 0.0) > now:
             raise Unauthenticated(f"refresh token of {creds.username} used twice", why="refresh token already used")

@@ -79,6 +79,31 @@ def tls_files(tls: tuple[str, str, str] | None) -> dict[str, str]:
     return {} if tls is None else {"cert_file": tls[0], "key_file": tls[1], "ca_file": tls[2]}
 
 
+def tls_failure(
+    exc: BaseException, address: str, tls: tuple[str, str, str] | None, *, suspect_closed: bool = False
+) -> str | None:
+    """What an operator must fix when a TLS handshake with the broker failed (None: ``exc`` is no TLS error).
+
+    A broker that requires TLS is reached with TLS even without a certificate configured (nats-py follows
+    the server's ``tls_required``), so a failed handshake without one means the files are missing. With
+    TLS 1.3 a refused client certificate may show as a closed connection only: ``suspect_closed`` names the
+    certificate as the likely cause then (for a log; a closed connection may be transient too)."""
+    closed = ("connection lost", "connection reset", "broken pipe")
+    if suspect_closed and tls is not None and any(word in str(exc).lower() for word in closed):
+        return (f"the broker at {address} closed the connection while it was being opened ({exc}): with TLS, it "
+                f"may refuse the client certificate {tls[0]} (CLIENT_CERT_PATH, --broker-tls-cert); check that a CA "
+                "the broker trusts signed it")
+    if not isinstance(exc, ssl.SSLError) and "[SSL: " not in str(exc):  # memphis-py keeps the text only
+        return None
+    if tls is None:
+        return (f"TLS handshake with the broker at {address} failed ({exc}): the broker requires TLS, and no client "
+                "certificate is configured: set CLIENT_CERT_PATH, CLIENT_KEY_PATH and ROOT_CA_PATH (or "
+                "--broker-tls-cert, --broker-tls-key, --broker-tls-ca), all three")
+    return (f"TLS handshake with the broker at {address} failed ({exc}): check that the client certificate "
+            f"{tls[0]} (CLIENT_CERT_PATH, --broker-tls-cert) is signed by a CA the broker trusts, and that {tls[2]} "
+            "(ROOT_CA_PATH, --broker-tls-ca) holds the CA that signed the broker's certificate")
+
+
 def tls_context(tls: tuple[str, str, str] | None) -> ssl.SSLContext | None:
     """nats-py's ``tls`` for the same files, built as memphis-py builds it (TLS >= 1.2, the CA checked)."""
     if tls is None:

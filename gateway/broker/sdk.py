@@ -13,6 +13,7 @@ and elsewhere in this package:
 - B7: ``close()`` leaks consumer tasks: cancelled in :func:`close_session`;
 - B9: protobuf schemas use GetMessageClass instead of the removed GetPrototype (:func:`parse_descriptor`);
 - B12: memphis-py refuses protobuf payloads that are not UTF-8: checked here instead (:func:`protobuf_payload`);
+- B13: a password login with TLS deep-copies its SSLContext and fails: the context is shared (:func:`tls_safe`);
 - ``fetch()`` ignores its wait time (5 s fixed): the gateway fetches from the subscriptions (``consume``).
 
 memphis-py reports every failure as ``MemphisError`` with a text only, so :func:`sdk_call` is the
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ssl
 from typing import Any
 
 from google.protobuf import descriptor_pb2, descriptor_pool, json_format
@@ -70,6 +72,29 @@ def schema_error(text: str) -> str:
     """memphis-py's text without its "memphis: " prefix and jsonschema's schema dump."""
     text = text.removeprefix("memphis: ").strip()
     return text.split("\n", 1)[0].strip()
+
+
+class _SharedContext(ssl.SSLContext):
+    """An SSLContext that ``copy.deepcopy`` shares instead of trying to pickle (B13)."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _SharedContext:
+        return self
+
+
+def tls_safe(m: Memphis) -> Memphis:
+    """``m`` able to log in with a password over TLS (docs/memphis-py.md B13): its connect deep-copies the
+    nats options, SSLContext included, for the ping connection of a password login, which raises
+    ``cannot pickle 'SSLContext' object``; the context becomes one that deepcopy shares."""
+    original = m.get_broker_manager_connection
+
+    async def get_broker_manager_connection(connection_opts: dict[str, Any]) -> Any:
+        ctx = connection_opts.get("tls")
+        if type(ctx) is ssl.SSLContext:
+            ctx.__class__ = _SharedContext  # same layout, one method more
+        return await original(connection_opts)
+
+    m.get_broker_manager_connection = get_broker_manager_connection
+    return m
 
 
 async def abandon(m: Memphis) -> None:

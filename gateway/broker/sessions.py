@@ -32,9 +32,18 @@ import orjson
 from memphis import Memphis
 from memphis.exceptions import MemphisError
 
-from gateway.broker.natsutil import DOWN, DOWN_SHORT, RETRY_AFTER_S, check_token, parse_servers, probe, tls_files
+from gateway.broker.natsutil import (
+    DOWN,
+    DOWN_SHORT,
+    RETRY_AFTER_S,
+    check_token,
+    parse_servers,
+    probe,
+    tls_failure,
+    tls_files,
+)
 from gateway.broker.publisher import Publisher
-from gateway.broker.sdk import abandon, parse_descriptor
+from gateway.broker.sdk import abandon, parse_descriptor, tls_safe
 from gateway.core.deadlines import timeout
 from gateway.core.errors import Unauthenticated, Unavailable
 from gateway.core.identity import Credentials
@@ -312,7 +321,7 @@ class SessionPool:
                 continue
             if creds.connection_token:  # memphis-py has no ping connection for tokens: it would retry
                 await check_token(host, port, creds, self._timeout, self._tls)  # a refused token forever
-            m = Memphis()
+            m = tls_safe(Memphis())
             try:
                 async with timeout(self._timeout):  # its ping connection would retry forever
                     await m.connect(
@@ -334,7 +343,8 @@ class SessionPool:
                 if "authorization" in text or "authentication" in text:
                     raise Unauthenticated(f"broker refused {creds.username}",
                                           why="credentials refused by the broker") from None
-                reasons.append(f"{host}:{port}")
+                why = tls_failure(exc, f"{host}:{port}", self._tls, suspect_closed=True)  # for the operator's log only
+                reasons.append(f"{host}:{port} ({why or exc})")
                 continue
             except TimeoutError:
                 await abandon(m)

@@ -60,8 +60,8 @@ class AuthService:
     ) -> auth_pb2.RefreshTokenResponse:
         if not request.jwt_refresh_token:
             raise Unauthenticated("no refresh token", why="no token")
+        access, refresh = self._expiries(request)  # first: a refused lifetime does not spend the token
         _, creds = self._tokens.spend_refresh(request.jwt_refresh_token)  # single use
-        access, refresh = self._expiries(request)
         creds = await self._broker.open_session(creds)  # the broker still accepts this user
         return auth_pb2.RefreshTokenResponse(**_fields(self._tokens.issue(creds, access, refresh)))
 
@@ -73,10 +73,11 @@ class AuthService:
     def _minutes(
         self, request: auth_pb2.AuthenticateRequest | auth_pb2.RefreshTokenRequest, name: str, default: int
     ) -> int:
-        """Any positive number of minutes; absent, 0 or negative: the default (as upstream)."""
+        """Any positive number of minutes; absent, 0 or negative: the default (as upstream). Beyond
+        ``--max-token-expiry-min``: InvalidArgument for a requested lifetime; a default is lowered to the cap."""
         value = int(getattr(request, name)) if request.HasField(name) else 0
         if value <= 0:
-            value = default
+            value = min(default, self._max_min) if self._max_min else default
         if self._max_min and value > self._max_min:
             raise InvalidArgument(
                 f"{name} is {value}; this gateway allows at most {self._max_min} minutes (--max-token-expiry-min)"
