@@ -84,6 +84,9 @@ class AuthService:
             )
         return min(value, LONGEST_MIN)
 
+MAX_USERNAME = 255  # the broker's protocol line holds the user name; far longer is no user
+
+
 def _credentials(request: auth_pb2.AuthenticateRequest, mode: str) -> Credentials:
     """Who logs in. Account id as upstream: body ``account_id`` if non-zero, else ``?accountId=``,
     else ``user$N``, else 1. The mode picks password or connection_token when both are sent."""
@@ -98,6 +101,8 @@ def _credentials(request: auth_pb2.AuthenticateRequest, mode: str) -> Credential
             account_id = int(account) if len(account) <= 10 else MAX_ACCOUNT_ID + 1
     if not username:
         raise InvalidArgument("username is required")
+    if len(username) > MAX_USERNAME:
+        raise InvalidArgument(f"username must be at most {MAX_USERNAME} characters")
     account_id = account_id or 1
     if not 1 <= account_id <= MAX_ACCOUNT_ID:
         raise InvalidArgument(f"account_id must be a number between 1 and {MAX_ACCOUNT_ID}")

@@ -30,7 +30,8 @@ def ack_id(subject: str) -> str:
 
 
 def unpack(ack: str) -> str:
-    return base64.urlsafe_b64decode(ack + "=" * (-len(ack) % 4)).decode()
+    body = ack.partition(".")[0]  # an ack id is base64url(reply subject) "." base64url(its HMAC tag)
+    return base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)).decode()
 
 
 def forgeries(real: str, victim_real: str, victim: str) -> dict[str, str]:

@@ -65,8 +65,8 @@ async def test_secrets_from_files_keep_them_out_of_ps(broker: EmbeddedBroker, tm
             async with http.post(gw.base + "/auth/authenticate",
                                  json={"username": "root", "password": ROOT_PASSWORD}) as resp:
                 status = resp.status
-            # the control plane connected with the file's password: a produce creates a station
-            token = (await resp.json()).get("jwt") if status == 200 else None
+                # the control plane connected with the file's password: a produce creates a station
+                token = (await resp.json()).get("jwt") if status == 200 else None
             if token:
                 async with http.post(gw.base + "/stations/from-files/produce/single", data="x",
                                      headers={"Authorization": f"Bearer {token}",
