@@ -34,7 +34,7 @@ from typing import Any
 import bcrypt
 import orjson
 from nats.aio.client import Client
-from nats.js.errors import BucketNotFoundError
+from nats.js.errors import BucketNotFoundError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 
 from gateway.auth.access import APPLICATION, MANAGEMENT, Access, patterns
@@ -156,7 +156,7 @@ class Directory:
         self._users_kv = await _bucket(js, USERS_BUCKET, replicas)
         self._keys_kv = await _bucket(js, KEYS_BUCKET, replicas)
         for kv, apply in ((self._users_kv, self._apply_user), (self._keys_kv, self._apply_key)):
-            watcher = await kv.watchall()
+            watcher = await _watch(kv)
             self._watchers.append(watcher)
             loaded = asyncio.get_running_loop().create_future()
             self._tasks.append(asyncio.create_task(self._follow(watcher, apply, loaded)))
@@ -368,3 +368,16 @@ async def _bucket(js: Any, name: str, replicas: int) -> KeyValue:
 
 
 __all__ = ["Directory", "KeyRecord", "UserRecord", "is_key_header", "patterns"]
+
+
+async def _watch(kv: Any, within_s: float = 10.0) -> Any:
+    """``kv.watchall()``, retried while JetStream is not answering yet (a broker that just
+    restarted answers "no responders" until its streams are recovered)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            return await kv.watchall()
+        except ServiceUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
