@@ -26,29 +26,26 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import nats
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2
-from nats.aio.client import Client as NatsClient
 
-from gateway.auth.directory import Directory, UserRecord
+from gateway.auth.directory import Directory
 from gateway.auth.guard import Guard
 from gateway.auth.throttle import LoginThrottle
 from gateway.auth.tokens import TokenService, choose
 from gateway.broker.adapter import MemphisBroker
-from gateway.broker.natsutil import parse_servers, tls_context, tls_failure
-from gateway.broker.sessions import RECONNECT_WAIT_S
+from gateway.broker.natsutil import parse_servers, tls_context
+from gateway.broker_setup import connect_service, control_password, embedded_broker, users_applier
 from gateway.core.deadlines import timeout
 from gateway.core.identity import Credentials
 from gateway.core.keys import derive_key
 from gateway.embedded.catalog import Catalog
 from gateway.embedded.controlplane import CONTROL_USER, ControlPlane
-from gateway.embedded.permissions import user_permissions
-from gateway.embedded.server import AccountLimits, EmbeddedBroker
+from gateway.embedded.server import EmbeddedBroker
 from gateway.management import management_servicers
 from gateway.pages import docs_routes, live_route, metrics_route, root_route
 from gateway.rpc.call import Endpoint, build_endpoints
@@ -61,13 +58,12 @@ from gateway.servicers.auth import AuthService
 from gateway.servicers.consume import ConsumeService
 from gateway.servicers.monitoring import MonitoringService
 from gateway.servicers.produce import ProduceService
-from gateway.settings import Settings, SettingsError, worker_group
+from gateway.settings import Settings, worker_group
 from gateway.transcoding.openapi import openapi_route
-from gateway.transcoding.server import RestOptions, build_rest_handler, rest_runner
+from gateway.transcoding.server import RestOptions, abort_stalled_sends, build_rest_handler, rest_runner
 
 log = logging.getLogger("gateway")
 HEALTH_INTERVAL_S = 2.0
-SEND_CHECK_INTERVAL_S = 1.0
 # After answering a request whose body it did not read (401, 408, 413, 503), aiohttp reads and drops
 # what the client still sends for this long, so that the client sees the answer, then closes (its
 # default of 10 s let a refused client hold its connection that long).
@@ -82,48 +78,6 @@ class Ports:
     http: int
     grpc: int
     broker_url: str
-
-
-def users_applier(embedded: EmbeddedBroker) -> Callable[[list[UserRecord]], Awaitable[None]]:
-    """Applies the directory's users to the embedded nats-server (subject permissions from their patterns)."""
-
-    async def apply(users: list[UserRecord]) -> None:
-        await embedded.reload_users({
-            u.username: (u.password_hash, None if u.type == "management" else user_permissions(u.produce, u.consume))
-            for u in users
-        })
-
-    return apply
-
-
-def embedded_broker(s: Settings) -> EmbeddedBroker:
-    """The embedded broker these settings describe; SettingsError if it must not start (its
-    development password on a reachable address; token mode without a token)."""
-    if (why := s.unsafe_embedded_password()) is not None:
-        raise SettingsError(why)
-    if s.auth_mode == "token" and not s.connection_token:
-        raise SettingsError("connection-token mode (USER_PASS_BASED_AUTH false) with the embedded broker "
-                            "needs a token: set CONNECTION_TOKEN or MEMPHIS_GATEWAY_CONNECTION_TOKEN")
-    limits = AccountLimits(
-        max_streams=s.broker_max_streams or -1,
-        max_consumers=s.broker_max_consumers or -1,
-        max_memory_bytes=s.broker_max_memory_mb * 2**20 or -1,
-        max_store_bytes=s.broker_max_store_mb * 2**20 or -1,
-    )
-    return EmbeddedBroker(data_dir=s.data_dir, port=s.broker_port, root_user=s.root_user,
-                          root_password=s.root_password, limits=limits,
-                          connection_token=s.connection_token if s.auth_mode == "token" else "",
-                          control_password=control_password(s))
-
-
-def control_password(s: Settings) -> str:
-    """The password of the control plane's broker user (``CONTROL_USER``): derived from the JWT
-    secret, which every replica and worker shares, so it needs no setting of its own."""
-    return derive_key(s.jwt_secret, "control-plane-user").hex() if s.jwt_secret else ""
-
-
-class BrokerRefused(RuntimeError):
-    """The broker cannot be reached with this configuration (no retry helps); the message says what to set."""
 
 
 class PortInUse(RuntimeError):
@@ -164,7 +118,7 @@ class Gateway:
             log.info("broker: external %s at %s", "NATS JetStream" if s.control_plane else "Memphis", broker_url)
         group = worker_group()
         if s.answers_control_plane or (s.workers > 1 and group):
-            self.service_nc = await self._connect_control_plane(broker_url)
+            self.service_nc = await connect_service(s, broker_url)
         if s.workers > 1 and group:
             self.metrics_share = MetricsShare(self.metrics, self.service_nc, group, s.workers)
             await self.metrics_share.start()
@@ -245,7 +199,7 @@ class Gateway:
         http_port = self._runner.addresses[0][1]
 
         self._health_task = asyncio.create_task(self._watch_health())
-        self._send_task = asyncio.create_task(self._abort_stalled_sends())
+        self._send_task = asyncio.create_task(abort_stalled_sends(self._runner, s.http_send_timeout_s))
         self.ports = Ports(http=http_port, grpc=grpc_port, broker_url=broker_url)
         log.info("listening: REST http://%s:%d, gRPC %s:%d", s.host, http_port, s.host, grpc_port)
         return self.ports
@@ -280,102 +234,7 @@ class Gateway:
                 log.info("control plane: no control account on the broker (%s)", exc or type(exc).__name__)
                 return None
             await probe.close()
-        return await self._connect_control_plane(broker_url, credentials, name="memphis-gateway::control-requests")
-
-    async def _connect_control_plane(self, broker_url: str, credentials: dict[str, Any] | None = None,
-                                     name: str = "memphis-gateway::control-plane") -> Any:
-        s = self.settings
-        tls = s.broker_tls
-        scheme = "tls" if tls else "nats"
-        servers = [f"{scheme}://{host}:{port}" for host, port in parse_servers(broker_url)]
-        credentials = credentials or (
-            {"token": s.connection_token} if s.auth_mode == "token" and s.connection_token
-            else {"user": f"{s.root_user}$1", "password": s.root_password}
-        )
-        cp_log = logging.getLogger("gateway.broker")
-        down_since: list[float] = []
-        # the first connect retries forever (a broker that starts later is waited for), except a failed
-        # TLS handshake: no retry fixes a missing or untrusted certificate, so start-up fails and says why
-        refused: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-
-        async def on_error(exc: Exception) -> None:
-            if refused.done() and not refused.cancelled():
-                return  # start-up is failing with the reason already
-            if not refused.done() and (why := tls_failure(exc, broker_url, tls)) is not None:
-                refused.set_result(why)
-                return
-            if not down_since:  # one line per outage, not one per reconnect attempt
-                cp_log.warning("control-plane connection: %s", exc or type(exc).__name__)
-
-        async def on_disconnected() -> None:
-            if not down_since and not nc.is_closed:
-                down_since.append(time.monotonic())
-                cp_log.warning("control-plane connection lost; reconnecting")
-
-        async def on_reconnected() -> None:
-            took = time.monotonic() - down_since.pop() if down_since else 0.0
-            cp_log.info("control-plane connection re-established after %.1f s", took)
-
-        options: dict[str, Any] = {
-            **credentials,
-            "tls": tls_context(tls),
-            "name": name,
-            "connect_timeout": s.broker_timeout_s,
-            "max_reconnect_attempts": -1,
-            "reconnect_time_wait": RECONNECT_WAIT_S,
-            "error_cb": on_error,
-            "disconnected_cb": on_disconnected,
-            "reconnected_cb": on_reconnected,
-        }
-        nc = NatsClient()
-        connecting = asyncio.ensure_future(nc.connect(servers, **options))
-        await asyncio.wait((connecting, refused), return_when=asyncio.FIRST_COMPLETED)
-        if not connecting.done():
-            connecting.cancel()
-            with contextlib.suppress(BaseException):
-                await connecting
-            with contextlib.suppress(Exception):
-                await nc.close()
-            raise BrokerRefused(refused.result())
-        refused.cancel()
-        connecting.result()
-        return nc
-
-    async def _abort_stalled_sends(self) -> None:
-        """Abort HTTP connections whose write buffer has not shrunk for ``http_send_timeout_s``.
-
-        asyncio buffers whatever a response writes beyond what the socket takes; for a
-        client that stopped reading, that buffer (a whole consume batch) would stay forever,
-        and with it the handler and its connection."""
-        assert self._runner is not None
-        seen: dict[Any, tuple[int, float]] = {}  # handler -> (buffered bytes, last progress)
-        while True:
-            await asyncio.sleep(SEND_CHECK_INTERVAL_S)
-            server = self._runner.server
-            if server is None:
-                return
-            now = time.monotonic()
-            alive = set()
-            for handler in server.connections:
-                transport = handler.transport
-                size = transport.get_write_buffer_size() if transport is not None else 0
-                if not size:
-                    continue
-                alive.add(handler)
-                last = seen.get(handler)
-                if last is None or size < last[0]:
-                    seen[handler] = (size, now)
-                    continue
-                seen[handler] = (size, last[1])
-                if now - last[1] >= self.settings.http_send_timeout_s:
-                    peer = transport.get_extra_info("peername") if transport is not None else None
-                    log.info("HTTP client %s stopped reading (%d bytes unsent for %.0f s): connection aborted",
-                             peer, size, now - last[1])
-                    if transport is not None:
-                        transport.abort()
-                    alive.discard(handler)
-            for handler in set(seen) - alive:
-                del seen[handler]
+        return await connect_service(self.settings, broker_url, credentials, name="memphis-gateway::control-requests")
 
     def rest_options(self) -> RestOptions:
         s = self.settings

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from gateway.upstream_env import upstream_values
+
 ENV_PREFIX = "MEMPHIS_GATEWAY_"
 WORKER_GROUP_ENV = ENV_PREFIX + "WORKER_GROUP"  # set by the --workers supervisor in its children
 FILE_SUFFIX = "_FILE"  # MEMPHIS_GATEWAY_ROOT_PASSWORD_FILE / --root-password-file: a secret read from a file
@@ -287,82 +289,8 @@ def _validate(s: Settings) -> None:
 # The upstream gateway's variables (docs/upstream.md, "The variables"): name -> (our field, type).
 # JWT_SECRET also keys our own tokens when ours is unset; USER_PASS_BASED_AUTH picks auth_mode;
 # DEBUG raises the log level (we never log bodies); DEV_ENV is "true" exactly, as upstream compares it.
-UPSTREAM_ENV: dict[str, tuple[str, str]] = {
-    "HTTP_PORT": ("http_port", "int"),
-    "MEMPHIS_HOST": ("broker", "str"),
-    "USER_PASS_BASED_AUTH": ("auth_mode", "bool"),
-    "ROOT_USER": ("root_user", "str"),
-    "ROOT_PASSWORD": ("root_password", "str"),
-    "CONNECTION_TOKEN": ("connection_token", "str"),
-    "JWT_SECRET": ("upstream_jwt_secret", "str"),
-    "REFRESH_JWT_SECRET": ("upstream_refresh_jwt_secret", "str"),
-    "JWT_EXPIRES_IN_MINUTES": ("token_expiry_min", "int"),
-    "REFRESH_JWT_EXPIRES_IN_MINUTES": ("refresh_token_expiry_min", "int"),
-    "CLIENT_CERT_PATH": ("broker_tls_cert", "str"),
-    "CLIENT_KEY_PATH": ("broker_tls_key", "str"),
-    "ROOT_CA_PATH": ("broker_tls_ca", "str"),
-    "DEV_ENV": ("dev_env", "str"),
-    "DEBUG": ("log_level", "bool"),
-}
 _last_read: list[tuple[str, ...]] = [(), ()]
 SHORT_SECRET = 32  # characters; shorter HS256 secrets are accepted (upstream: any length) with a warning
-
-
-def go_parse_bool(raw: str) -> bool:
-    """Go's strconv.ParseBool: ValueError for anything but its twelve spellings."""
-    if raw in ("1", "t", "T", "TRUE", "true", "True"):
-        return True
-    if raw in ("0", "f", "F", "FALSE", "false", "False"):
-        return False
-    raise ValueError(f"not a Go boolean (1, t, T, TRUE, true, True, 0, f, F, FALSE, false, False): {raw!r}")
-
-
-def _go_int(raw: str) -> int:
-    """Go's strconv.ParseInt(raw, 10, 64): optional sign, decimal digits only."""
-    digits = raw[1:] if raw[:1] in "+-" else raw
-    if not digits.isascii() or not digits.isdigit():
-        raise ValueError(f"not a decimal integer: {raw!r}")
-    return int(raw)
-
-
-def upstream_values(environ: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
-    """Our field values from the upstream's variables, and the names read (for the start-up log).
-
-    A value that does not convert is ignored, as gonfig ignores it, but with a warning here."""
-    values: dict[str, Any] = {}
-    read: list[str] = []
-    for name, (field_name, kind) in UPSTREAM_ENV.items():
-        raw = environ.get(name, "")
-        if raw == "":
-            continue
-        try:
-            if kind == "int":
-                value: Any = _go_int(raw)
-            elif kind == "bool":
-                value = go_parse_bool(raw)
-            else:
-                value = raw
-        except ValueError as exc:
-            if name == "USER_PASS_BASED_AUTH":
-                values["auth_mode"] = "token"  # upstream: unparsable -> false -> connection-token mode
-                log.warning("%s: %s; read as false (connection-token mode), as the upstream does", name, exc)
-                read.append(name)
-            else:
-                log.warning("%s: %s; ignored, as the upstream ignores it", name, exc)
-            continue
-        read.append(name)
-        if name == "USER_PASS_BASED_AUTH":
-            value = "password" if value else "token"
-        elif name == "DEBUG":
-            if not value:
-                continue
-            value = "DEBUG"
-        elif name == "DEV_ENV":
-            value = raw == "true"
-        elif name == "JWT_SECRET":
-            values["jwt_secret"] = raw
-        values[field_name] = value
-    return values, read
 
 
 def load(environ: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:

@@ -30,9 +30,9 @@ from typing import Any
 
 import nats
 
-from gateway.app import embedded_broker, users_applier
 from gateway.auth.directory import Directory
 from gateway.auth.tokens import TokenService
+from gateway.broker_setup import embedded_broker, users_applier
 from gateway.embedded.server import EmbeddedBroker
 from gateway.settings import ENV_PREFIX, WORKER_GROUP_ENV, Settings, SettingsError
 

@@ -19,9 +19,10 @@ import nats.js.errors
 
 from gateway.broker.ackid import AckIds
 from gateway.broker.natsutil import DOWN, DOWN_SHORT, RETRY_AFTER_S, ping, pull, unless_lost
+from gateway.broker.routes import Group
 from gateway.broker.sdk import sdk_call
 from gateway.broker.seam import ConsumerSpec, InMessage
-from gateway.broker.sessions import Group, Session, SessionPool
+from gateway.broker.sessions import Session, SessionPool
 from gateway.core.deadlines import timeout
 from gateway.core.errors import Unavailable
 from gateway.core.identity import Credentials

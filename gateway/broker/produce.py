@@ -17,9 +17,10 @@ import nats.errors
 
 from gateway.broker.natsutil import DOWN, RETRY_AFTER_S
 from gateway.broker.publisher import Publisher, encode_headers, header_lines
+from gateway.broker.routes import ConnectionLost, Route
 from gateway.broker.sdk import protobuf_payload, sdk_call, validated
 from gateway.broker.seam import OutMessage
-from gateway.broker.sessions import ConnectionLost, Route, Session, SessionPool
+from gateway.broker.sessions import Session, SessionPool
 from gateway.core.errors import InvalidArgument, Unavailable
 from gateway.core.identity import Credentials
 from gateway.core.names import FINAL, internal_name, stream_name

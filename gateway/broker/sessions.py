@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -43,6 +42,7 @@ from gateway.broker.natsutil import (
     tls_files,
 )
 from gateway.broker.publisher import Publisher
+from gateway.broker.routes import ConnectionLost, Group, Route
 from gateway.broker.sdk import abandon, parse_descriptor, tls_safe
 from gateway.core.deadlines import timeout
 from gateway.core.errors import Unauthenticated, Unavailable
@@ -61,32 +61,6 @@ __all__ = [
 RECONNECT_WAIT_S = 0.5  # between reconnect attempts to one server: the recovery delay after a restart
 SDK_UPDATES = "$memphis_sdk_clients_updates"  # where the control plane announces a removed station
 BROKER_UNAVAILABLE = "broker unavailable; retry shortly"  # what a caller hears (the log has the addresses)
-
-
-class ConnectionLost(Exception):
-    """Set on the publishes in flight when their connection drops."""
-
-
-@dataclass(slots=True, kw_only=True)
-class Route:
-    """Where one user's produce into one station goes."""
-
-    producer: Any  # memphis.Producer
-    subjects: dict[int, str]
-    rr: itertools.cycle[int]
-    schema_seen: Any = None  # the schema_updates_data entry the validator was built from
-    base_headers: bytes = b""  # the header lines memphis-py adds to every message, encoded
-    only_subject: str = ""  # the subject when the station has one partition
-
-
-@dataclass(slots=True, kw_only=True)
-class Group:
-    consumer: Any  # memphis.Consumer
-    subscriptions: list[Any]  # nats-py pull subscriptions, one per partition
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    next_partition: int = 0
-    # fetched, unacknowledged, not yet handed out: (time fetched, message), oldest first
-    carry: list[tuple[float, Any]] = field(default_factory=list)
 
 
 @dataclass(slots=True, kw_only=True)

@@ -84,17 +84,28 @@ import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from gateway.core.errors import GatewayError, InvalidArgument, NotFound, PermissionDenied
-from gateway.core.names import validate_name
 from gateway.embedded.catalog import Catalog
 from gateway.embedded.deadletters import DeadLetters
+from gateway.embedded.requests import (
+    CONSUME,
+    MANAGE,
+    PRODUCE,
+    Request,
+    Requester,
+    Rights,
+    bool_field,
+    error_reply,
+    int_field,
+    json_reply,
+    name_field,
+    str_field,
+)
 from gateway.embedded.specs import AlreadyExists, GroupSpec, StationSpec
 
 __all__ = ["CONTROL_ACCOUNT", "CONTROL_USER", "QUEUE_GROUP", "REQUEST_SUBJECTS", "ControlPlane", "Rights"]
@@ -116,36 +127,6 @@ REQUEST_SUBJECTS = (
     "$memphis_schema_attachments",
     "$memphis_schema_detachments",
 )
-PRODUCE, CONSUME, MANAGE = "produce", "consume", "manage"  # the actions of gateway.auth.access
-_VERBS = {PRODUCE: "produce to", CONSUME: "consume from"}
-Request = dict[str, Any]
-
-
-class Rights(Protocol):
-    """What a requester may do (``gateway.auth.access.Access`` is one)."""
-
-    who: str
-
-    def allows(self, action: str, station: str = "") -> bool: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Requester:
-    """Who sent a request: its broker user name (without ``$<account>``) and rights (None: root's)."""
-
-    username: str
-    rights: Rights | None
-
-    def may(self, action: str, station: str = "") -> bool:
-        return self.rights is None or self.rights.allows(action, station)
-
-    def check(self, action: str, station: str = "") -> None:
-        if self.may(action, station):
-            return
-        who = self.rights.who if self.rights is not None else f"user {self.username}"
-        if action == MANAGE:
-            raise PermissionDenied(f"{who} may not manage stations or schemas (management users only)")
-        raise PermissionDenied(f"{who} may not {_VERBS[action]} station {station}")
 
 
 Handler = Callable[[Request, Requester], Awaitable[bytes]]
@@ -221,16 +202,16 @@ class ControlPlane:
             reply = await handler(request, self._requester(msg, request))
         except AlreadyExists as err:
             log.debug("%s: %s", msg.subject, err.message)
-            reply = _error(err.message, json_errors)
+            reply = error_reply(err.message, json_errors)
         except GatewayError as err:
             log.info("%s rejected: %s", msg.subject, err.message)
-            reply = _error(err.message, json_errors)
+            reply = error_reply(err.message, json_errors)
         except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
             log.info("%s: malformed request: %s", msg.subject, err)
-            reply = _error(f"malformed request: {err}", json_errors)
+            reply = error_reply(f"malformed request: {err}", json_errors)
         except Exception:
             log.exception("%s: failed", msg.subject)
-            reply = _error("internal error of the control plane", json_errors)
+            reply = error_reply("internal error of the control plane", json_errors)
         if msg.reply:
             try:
                 await msg.respond(reply)
@@ -265,18 +246,18 @@ class ControlPlane:
         if not isinstance(dls, dict):
             raise InvalidArgument("dls_configuration must be an object")
         spec = StationSpec(
-            name=_str(req, "name"),
-            retention_type=_str(req, "retention_type", "message_age_sec"),
-            retention_value=_int(req, "retention_value", 3600),
-            storage_type=_str(req, "storage_type", "file"),
-            replicas=_int(req, "replicas", 1),
-            idempotency_window_ms=_int(req, "idempotency_window_in_ms", 120_000),
-            partitions_number=_int(req, "partitions_number", 1) or 1,
-            schema_name=_str(req, "schema_name", ""),
-            schemaverse_to_dls=_bool(dls, "Schemaverse", True),
-            poison_to_dls=_bool(dls, "poison", True),
-            dls_station=_str(req, "dls_station", ""),
-            tiered_storage_enabled=_bool(req, "tiered_storage_enabled", False),
+            name=str_field(req, "name"),
+            retention_type=str_field(req, "retention_type", "message_age_sec"),
+            retention_value=int_field(req, "retention_value", 3600),
+            storage_type=str_field(req, "storage_type", "file"),
+            replicas=int_field(req, "replicas", 1),
+            idempotency_window_ms=int_field(req, "idempotency_window_in_ms", 120_000),
+            partitions_number=int_field(req, "partitions_number", 1) or 1,
+            schema_name=str_field(req, "schema_name", ""),
+            schemaverse_to_dls=bool_field(dls, "Schemaverse", True),
+            poison_to_dls=bool_field(dls, "poison", True),
+            dls_station=str_field(req, "dls_station", ""),
+            tiered_storage_enabled=bool_field(req, "tiered_storage_enabled", False),
             created_by=who.username,
         )
         station = spec.name.lower()
@@ -286,23 +267,23 @@ class ControlPlane:
         return b""
 
     async def _destroy_station(self, req: Request, who: Requester) -> bytes:
-        name = _str(req, "station_name")
+        name = str_field(req, "station_name")
         who.check(MANAGE)
         if not await self.catalog.destroy_station(name):
             raise NotFound(f"Station {name} does not exist")
         return b""
 
     async def _create_producer(self, req: Request, who: Requester) -> bytes:
-        _name(req, "name", "producer")
-        station = _str(req, "station_name")
+        name_field(req, "name", "producer")
+        station = str_field(req, "station_name")
         who.check(PRODUCE, station.lower())
-        if _int(req, "req_version", 1) >= 2:  # the Memphis server creates missing stations since v2
+        if int_field(req, "req_version", 1) >= 2:  # the Memphis server creates missing stations since v2
             info = await self.catalog.ensure_station(station, who.username)
         elif (found := await self.catalog.station_info(station)) is not None:
             info = found
         else:
             raise NotFound(f"Station {station} does not exist")
-        return _json(
+        return json_reply(
             {
                 "error": "",
                 "schema_update": info.schema_update,
@@ -316,19 +297,19 @@ class ControlPlane:
 
     async def _destroy_client(self, req: Request, who: Requester) -> bytes:
         # Producers and consumers hold no server-side state of ours; durables are kept.
-        _str(req, "station_name")
+        str_field(req, "station_name")
         return b""
 
     async def _create_consumer(self, req: Request, who: Requester) -> bytes:
-        name = _name(req, "name", "consumer")
-        station = _str(req, "station_name")
+        name = name_field(req, "name", "consumer")
+        station = str_field(req, "station_name")
         who.check(CONSUME, station.lower())
         group = GroupSpec(
-            name=_str(req, "consumers_group", "") or name,
-            max_ack_time_ms=_int(req, "max_ack_time_ms", 30_000),
-            max_msg_deliveries=_int(req, "max_msg_deliveries", 10),
-            start_consume_from_sequence=_int(req, "start_consume_from_sequence", 1),
-            last_messages=_int(req, "last_messages", -1),
+            name=str_field(req, "consumers_group", "") or name,
+            max_ack_time_ms=int_field(req, "max_ack_time_ms", 30_000),
+            max_msg_deliveries=int_field(req, "max_msg_deliveries", 10),
+            start_consume_from_sequence=int_field(req, "start_consume_from_sequence", 1),
+            last_messages=int_field(req, "last_messages", -1),
         )
         if group.start_consume_from_sequence <= 0:
             raise InvalidArgument("start_consume_from_sequence has to be a positive number")
@@ -339,7 +320,7 @@ class ControlPlane:
                 "Consumer creation options can't contain both start_consume_from_sequence and last_messages"
             )
         info = await self.catalog.ensure_consumer_group(station, group, who.username)
-        return _json(
+        return json_reply(
             {
                 "error": "",
                 "partitions_update": {"partitions_list": info.partitions},
@@ -350,69 +331,24 @@ class ControlPlane:
     async def _create_schema(self, req: Request, who: Requester) -> bytes:
         who.check(MANAGE)
         await self.catalog.create_schema(
-            _str(req, "name"),
-            _str(req, "type"),
-            _str(req, "schema_content"),
+            str_field(req, "name"),
+            str_field(req, "type"),
+            str_field(req, "schema_content"),
             created_by=who.username,
-            message_struct_name=_str(req, "message_struct_name", ""),
+            message_struct_name=str_field(req, "message_struct_name", ""),
         )
-        return _json({"error": ""})
+        return json_reply({"error": ""})
 
     async def _attach_schema(self, req: Request, who: Requester) -> bytes:
         who.check(MANAGE)
-        await self.catalog.attach_schema(_str(req, "name"), _str(req, "station_name"))
+        await self.catalog.attach_schema(str_field(req, "name"), str_field(req, "station_name"))
         return b""
 
     async def _detach_schema(self, req: Request, who: Requester) -> bytes:
         who.check(MANAGE)
-        await self.catalog.detach_schema(_str(req, "station_name"))
+        await self.catalog.detach_schema(str_field(req, "station_name"))
         return b""
 
 
-def _json(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj).encode()
 
 
-def _error(text: str, as_json: bool) -> bytes:
-    return _json({"error": text}) if as_json else text.encode()
-
-
-_MISSING: Any = object()
-
-
-def _str(req: Request, key: str, default: str = _MISSING) -> str:
-    value = req.get(key, default)
-    if value is _MISSING or (value is None and default is _MISSING):
-        raise InvalidArgument(f"{key} is missing")
-    if value is None:
-        return default
-    if not isinstance(value, str):
-        raise InvalidArgument(f"{key} must be a string")
-    return value
-
-
-def _int(req: Request, key: str, default: int) -> int:
-    value = req.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidArgument(f"{key} must be an integer")
-    if isinstance(value, float) and not value.is_integer():
-        raise InvalidArgument(f"{key} must be an integer")
-    return int(value)
-
-
-def _bool(req: Request, key: str, default: bool) -> bool:
-    value = req.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise InvalidArgument(f"{key} must be a boolean")
-    return value
-
-
-def _name(req: Request, key: str, kind: str) -> str:
-    name = _str(req, key)
-    if reason := validate_name(name, kind):
-        raise InvalidArgument(reason)
-    return name

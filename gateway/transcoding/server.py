@@ -7,6 +7,8 @@ Public surface of the transcoder: ``build_rest_handler`` and ``rest_runner``, wi
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -16,8 +18,9 @@ from gateway.rpc.call import Endpoint
 from gateway.transcoding.mux import Mux, RestOptions
 from gateway.transcoding.routes import ExtraRoute
 
-__all__ = ["ExtraRoute", "RestHandler", "RestOptions", "build_rest_handler", "rest_runner"]
+__all__ = ["ExtraRoute", "RestHandler", "RestOptions", "abort_stalled_sends", "build_rest_handler", "rest_runner"]
 
+log = logging.getLogger("gateway.rest")
 RestHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
@@ -38,3 +41,42 @@ def rest_runner(handler: RestHandler, *, loop: asyncio.AbstractEventLoop | None 
     own access log stays off, the gateway logs every call itself."""
     server = web.Server(handler, loop=loop, access_log=None, **handler_args)
     return web.ServerRunner(server, shutdown_timeout=shutdown_timeout)
+
+
+SEND_CHECK_INTERVAL_S = 1.0
+
+
+async def abort_stalled_sends(runner: web.ServerRunner, timeout_s: float) -> None:
+    """Abort HTTP connections whose write buffer has not shrunk for ``http_send_timeout_s``.
+
+    asyncio buffers whatever a response writes beyond what the socket takes; for a
+    client that stopped reading, that buffer (a whole consume batch) would stay forever,
+    and with it the handler and its connection."""
+    seen: dict[Any, tuple[int, float]] = {}  # handler -> (buffered bytes, last progress)
+    while True:
+        await asyncio.sleep(SEND_CHECK_INTERVAL_S)
+        server = runner.server
+        if server is None:
+            return
+        now = time.monotonic()
+        alive = set()
+        for handler in server.connections:
+            transport = handler.transport
+            size = transport.get_write_buffer_size() if transport is not None else 0
+            if not size:
+                continue
+            alive.add(handler)
+            last = seen.get(handler)
+            if last is None or size < last[0]:
+                seen[handler] = (size, now)
+                continue
+            seen[handler] = (size, last[1])
+            if now - last[1] >= timeout_s:
+                peer = transport.get_extra_info("peername") if transport is not None else None
+                log.info("HTTP client %s stopped reading (%d bytes unsent for %.0f s): connection aborted",
+                         peer, size, now - last[1])
+                if transport is not None:
+                    transport.abort()
+                alive.discard(handler)
+        for handler in set(seen) - alive:
+            del seen[handler]

@@ -166,7 +166,7 @@ async def test_a_forged_identity_is_not_believed(gw: Clients) -> None:
 async def test_a_request_without_the_brokers_word_is_refused(gw: Clients) -> None:
     """In verified mode, only requests that crossed the service import are answered: the control
     plane's own account gives no identity, so a request sent there (no header) is refused."""
-    from gateway.app import control_password
+    from gateway.broker_setup import control_password
     from gateway.embedded.controlplane import CONTROL_USER
 
     nc = await nats.connect(gw.gateway.ports.broker_url, user=CONTROL_USER,  # type: ignore[union-attr]

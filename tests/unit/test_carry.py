@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from gateway.broker.consume import take_carried
-from gateway.broker.sessions import Group
+from gateway.broker.routes import Group
 
 
 def test_carried_messages_older_than_the_ack_wait_margin_are_dropped_not_handed_out() -> None:
