@@ -76,3 +76,12 @@ def test_without_configure_access_lines_go_through_logging(caplog: pytest.LogCap
     logs.access(*FIELDS)
     [record] = [r for r in caplog.records if r.name == "gateway.access"]
     assert record.getMessage() == "rest /memgw.v1.ProduceService/ProduceSingle OK user=root peer=127.0.0.1 1.2ms id=42"
+
+
+def test_the_flusher_writes_in_chunks_and_keeps_what_arrives_meanwhile() -> None:
+    h, out = handler()
+    for i in range(logs.CHUNK * 2 + 3):
+        h.record(*FIELDS[:-1], i)
+    h._write_pending(yield_gil=True)
+    ids = [int(line.rsplit("id=", 1)[1]) for line in out.getvalue().splitlines()]
+    assert ids == list(range(logs.CHUNK * 2 + 3)) and not h.pending
