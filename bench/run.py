@@ -84,6 +84,7 @@ REST_HEADERS = {"Content-Type": "application/json", "X-Bench-Trace": "4bf92f3577
 
 
 BASELINE_OF = {"single": "B", "unary": "C", "batch": "A", "stream": "A", "consume": "D"}
+SCHED_KEYS = ("B", "single", "C", "unary", "batch", "stream")  # --sched records these (the produce figures)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +142,7 @@ class Measure:
     p99_ms: float | None = None
     note: str = ""
     others_cpu: float | None = None  # CPU (in cores) other processes on the machine used meanwhile (noise)
+    sched: str = ""  # --sched: who ran where during the measurement
 
 
 @dataclass(slots=True)
@@ -164,6 +166,8 @@ class Env:
     log: Callable[[str], None] = print
     gateway_cmd: tuple[str, ...] = (sys.executable, "-m", "gateway", "serve")
     gateway_log_level: str | None = None  # None: the gateway's default (INFO), like users get
+    sched: bool = False  # --sched: record the scheduler during the produce figures
+    sched_name: str = ""  # the figure being measured, when it is recorded
     bodies: dict[str, Path] = field(default_factory=dict)
 
     def servers(self) -> list[int]:
@@ -314,10 +318,21 @@ async def produce_phase(env: Env, stream: str, server_pid: int, per_request: int
     before = await stream_msgs(env.js, stream)
     srv, nats = CpuMeter(server_pid).start(), nats_meter(env).start()
     noise = Noise(env).start()
+    rec = None
+    if env.sched_name:
+        from bench.sched import Recording
+
+        rec = Recording(max(1.0, env.cfg.duration - 1.0)).start()
     r: LoadResult = await load(env.cfg.duration)
     srv.stop()
     nats.stop()
     others = noise.others(srv.cpu_s, nats.cpu_s, r.client_cpu_s)
+    sched = ""
+    if rec is not None:
+        from bench.sched import threads_of
+
+        sched = await asyncio.to_thread(rec.report, server_pid, {"nats-server": threads_of(env.broker.pid or 0)},
+                                        env.sched_name)
     stored = await stream_msgs(env.js, stream) - before
     claimed = r.requests * per_request
     note = ""
@@ -331,7 +346,8 @@ async def produce_phase(env: Env, stream: str, server_pid: int, per_request: int
         value = stored / r.elapsed_s if r.elapsed_s > 0 else 0.0
     # CPU shares over the measured interval (the servers idle while the load generator starts).
     span = r.elapsed_s if r.elapsed_s > 0 else srv.wall_s
-    return Measure(value, "", srv.cpu_s / span, nats.cpu_s / span, r.client_cpu, r.p50_ms, r.p99_ms, note, others)
+    return Measure(value, "", srv.cpu_s / span, nats.cpu_s / span, r.client_cpu, r.p50_ms, r.p99_ms, note, others,
+                   sched)
 
 
 @dataclass(slots=True)
@@ -505,11 +521,14 @@ async def one_run(env: Env, run: int, log: Callable[[str], None]) -> dict[str, M
             return
         log(f"run {run + 1}/{cfg.runs}: {key} ...")
         await settle(env, log)
+        env.sched_name = key if env.sched and key in SCHED_KEYS else ""
         try:
             out[key] = await what()
         except Exception as exc:  # one failed figure must not lose the table
             out[key] = Measure(math.nan, "", note=f"error: {str(exc).strip().splitlines()[0][:150]}")
             log(f"  {key} failed: {exc}")
+        finally:
+            env.sched_name = ""
 
     await step("B", lambda: produce_phase(env, RAW_STREAM, b_pid, 1,
                                           rest_produce(env, env.rest_b + single_path, "single", cfg.single_conns,
@@ -590,7 +609,8 @@ def combine(runs: list[dict[str, Measure]]) -> dict[str, Measure]:
         value = med("value")
         out[key] = Measure(math.nan if value is None else value, ms[0].unit, med("srv_cpu"), med("nats_cpu"),
                            med("client_cpu"), med("p50_ms"), med("p99_ms"),
-                           "; ".join(sorted({m.note for m in ms if m.note})), med("others_cpu"))
+                           "; ".join(sorted({m.note for m in ms if m.note})), med("others_cpu"),
+                           next((m.sched for m in ms if m.sched), ""))
     return out
 
 
@@ -762,7 +782,14 @@ async def amain(a: argparse.Namespace) -> int:
     try:
         gateway_cmd = tuple(shlex.split(a.gateway_cmd)) if a.gateway_cmd else None
         results: list[tuple[str, Pinning, dict[str, Measure]]] = []
+        if a.sched:
+            from bench.sched import available
+
+            why = available()
+            if why:
+                raise SystemExit(f"--sched: {why}")
         async with environment(cfg, views[0][1], tools, work, log, gateway_cmd, a.log_level) as env:
+            env.sched = a.sched
             for index, (view, pinning) in enumerate(views):
                 env.pin(pinning)
                 log(f"view {view}: {pinning.describe()}")
@@ -801,6 +828,11 @@ async def amain(a: argparse.Namespace) -> int:
                 print(f"second view, {view}: CPU pinning: {pinning.describe()} (targets shown for comparison; "
                       f"they apply to the headline)")
             print(text)
+            scheds = [(k, m.sched) for k, m in res.items() if m.sched]
+            if scheds:
+                print("scheduler (--sched; first run):")
+                for key, text in sorted(scheds, key=lambda kv: SCHED_KEYS.index(kv[0])):
+                    print(f"  {key}: {text}")
         print()
         print(f"targets (headline table): {'all met' if headline_ok else 'NOT all met'}; "
               f"total time {time.monotonic() - t_start:.0f} s")
@@ -825,6 +857,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pinned", action="store_true",
                    help="also measure a second view with the servers under test pinned to one CPU and nats-server "
                         "plus the load generator to another (the headline is always unpinned)")
+    p.add_argument("--sched", action="store_true",
+                   help="record the scheduler (perf sched_switch, all CPUs) during the produce figures: who ran on "
+                        "which CPU, how often the server's event loop was preempted and by whom (needs perf, root)")
     p.add_argument("--no-pin", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
     p.add_argument("--log-level", default=None, metavar="LEVEL",
                    help="run the gateway with --log-level LEVEL (default: none given, i.e. the gateway's default "
