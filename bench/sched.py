@@ -110,8 +110,10 @@ def analyze(script: str, pid: int, labels: dict[str, set[str]], name: str = "ser
     running: dict[int, tuple[str, str, float]] = {}  # cpu -> (tid, label, since)
     occupancy: dict[tuple[int, str], float] = collections.defaultdict(float)
     preempted_by: collections.Counter[str] = collections.Counter()
-    ran = waited = 0.0
+    ran = waited = blocked = 0.0
+    blocks = 0
     runnable_since: float | None = None
+    blocked_since: float | None = None
     first = last = None
     for line in script.splitlines():
         m = _SWITCH.search(line)
@@ -130,9 +132,15 @@ def analyze(script: str, pid: int, labels: dict[str, set[str]], name: str = "ser
         if prev_tid == main and prev_state.startswith("R"):
             runnable_since = t
             preempted_by[label(next_tid, next_comm)] += 1
+        elif prev_tid == main:  # it went to sleep: epoll with nothing to do, the GIL, a lock
+            blocked_since = t
+            blocks += 1
         elif next_tid == main and runnable_since is not None:
             waited += t - runnable_since
             runnable_since = None
+        if next_tid == main and blocked_since is not None:
+            blocked += t - blocked_since  # (includes the wake-up latency)
+            blocked_since = None
     if first is None or last is None or last <= first:
         return "sched: no scheduler events recorded"
     span = last - first
@@ -143,7 +151,8 @@ def analyze(script: str, pid: int, labels: dict[str, set[str]], name: str = "ser
         lines.append(f"    CPU{cpu}: " + ", ".join(f"{lab} {v / span:.0%}" for v, lab in parts if v / span >= 0.005))
     total = sum(preempted_by.values())
     who = ", ".join(f"{lab} {n / span:,.0f}/s" for lab, n in preempted_by.most_common(4))
-    lines.append(f"    {name} event loop: ran {ran / span:.0%}, waited runnable {waited / span:.0%}; "
+    lines.append(f"    {name} event loop: ran {ran / span:.0%}, waited runnable {waited / span:.0%}, "
+                 f"blocked {blocked / span:.0%} ({blocks / span:,.0f} sleeps/s); "
                  f"preempted {total / span:,.0f}/s ({who or 'never'})")
     return "\n".join(lines)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 
@@ -15,7 +16,7 @@ FIELDS = ("rest", "/memgw.v1.ProduceService/ProduceSingle", "OK", "root", "127.0
 
 def handler(max_pending: int = logs.MAX_PENDING) -> tuple[logs.BufferedStreamHandler, io.StringIO]:
     out = io.StringIO()
-    h = logs.BufferedStreamHandler(out, max_pending=max_pending, flush_interval_s=None)  # no flusher thread
+    h = logs.BufferedStreamHandler(out, max_pending=max_pending, flush_interval_s=None)  # flush() by hand
     h.setFormatter(logging.Formatter(logs.FORMAT))
     return h, out
 
@@ -78,10 +79,36 @@ def test_without_configure_access_lines_go_through_logging(caplog: pytest.LogCap
     assert record.getMessage() == "rest /memgw.v1.ProduceService/ProduceSingle OK user=root peer=127.0.0.1 1.2ms id=42"
 
 
-def test_the_flusher_writes_in_chunks_and_keeps_what_arrives_meanwhile() -> None:
-    h, out = handler()
-    for i in range(logs.CHUNK * 2 + 3):
+async def test_a_loop_timer_writes_the_lines_in_chunks_in_order() -> None:
+    class Counting(io.StringIO):
+        writes = 0
+
+        def write(self, text: str) -> int:
+            self.writes += 1
+            return super().write(text)
+
+    out = Counting()
+    h = logs.BufferedStreamHandler(out, flush_interval_s=0.01)
+    h.setFormatter(logging.Formatter(logs.FORMAT))
+    total = logs.CHUNK * 2 + 3
+    for i in range(total):
         h.record(*FIELDS[:-1], i)
-    h._write_pending(yield_gil=True)
+    assert out.getvalue() == ""  # nothing formatted on the caller's path
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if not h.pending:
+            break
     ids = [int(line.rsplit("id=", 1)[1]) for line in out.getvalue().splitlines()]
-    assert ids == list(range(logs.CHUNK * 2 + 3)) and not h.pending
+    assert ids == list(range(total))
+    assert out.writes == 3  # one write per chunk of CHUNK lines
+    h.record(*FIELDS)  # the timer is armed again for the next line
+    await asyncio.sleep(0.05)
+    assert out.getvalue().endswith("id=42\n")
+
+
+def test_off_an_event_loop_a_line_is_written_at_once() -> None:
+    out = io.StringIO()
+    h = logs.BufferedStreamHandler(out)
+    h.setFormatter(logging.Formatter(logs.FORMAT))
+    h.record(*FIELDS)
+    assert out.getvalue().endswith("id=42\n")
