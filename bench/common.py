@@ -64,7 +64,7 @@ class Pinning:
     @classmethod
     def choose(cls, enabled: bool) -> Pinning:
         cpus = sorted(os.sched_getaffinity(0))
-        if not enabled or len(cpus) < 2 or shutil.which("taskset") is None:
+        if not enabled or len(cpus) < 2 or shutil.which("taskset") is None:  # taskset: for the load generators
             return cls(None, None)
         return cls((cpus[0],), (cpus[1],))
 
@@ -79,7 +79,7 @@ class Pinning:
 
     def describe(self) -> str:
         if not self.active:
-            return "none (fewer than 2 CPUs, no taskset, or --no-pin)"
+            return f"none: the scheduler places every process on CPUs {_cpus(all_cpus())}"
         return (
             f"servers under test (gateway, baselines B/C, Python clients A/D) on CPU {_cpus(self.server)}; "
             f"nats-server + load generator on CPU {_cpus(self.client)}"
@@ -88,6 +88,21 @@ class Pinning:
 
 def _cpus(cpus: tuple[int, ...] | None) -> str:
     return ",".join(map(str, cpus or ()))
+
+
+_ALL_CPUS = tuple(sorted(os.sched_getaffinity(0)))  # what the benchmark may use (it may run under taskset)
+
+
+def all_cpus() -> tuple[int, ...]:
+    return _ALL_CPUS
+
+
+def set_affinity(pid: int, cpus: tuple[int, ...]) -> None:
+    """Move a running process, every thread of it, to these CPUs (threads it starts later inherit)."""
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(int(tid), set(cpus))
 
 
 def pin_self(cpus: tuple[int, ...] | None) -> None:

@@ -24,6 +24,7 @@ from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 from memgw.v1 import options_pb2
 
+from gateway import logs
 from gateway.core.deadlines import deadlines
 from gateway.core.errors import DeadlineExceeded, GatewayError, Internal
 from gateway.core.identity import Principal
@@ -216,10 +217,7 @@ class Endpoint:
             self.observer.observe(self, code, elapsed)
         if access_log.isEnabledFor(logging.INFO):
             user = ctx.principal.username if ctx.principal else "-"
-            access_log.info(
-                "%s %s %s user=%s peer=%s %.1fms id=%d",
-                ctx.protocol, self.full_name, code, user, ctx.peer, elapsed * 1000, ctx.request_id,
-            )
+            logs.access(ctx.protocol, self.full_name, code, user, ctx.peer, elapsed, ctx.request_id)
 
 
 def _expire(call: tuple[CallContext, asyncio.Task[Any] | None]) -> None:
