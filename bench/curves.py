@@ -1,7 +1,7 @@
 """How the gateway's throughput, p99 and memory grow with the work: the scaling curves.
 
-    python bench/curves.py                 # the full grid (~4-6 min), writes bench/curves.png and bench/curves.json
-    python bench/curves.py --reduced       # a few points per curve (~2 min): checks that everything runs
+    python bench/curves.py                 # the full grid (~3 min), writes bench/curves.png and bench/curves.json
+    python bench/curves.py --reduced       # a few points per curve (~1.5 min): checks that everything runs
     python bench/curves.py --only size,conns --out /tmp/c   # some curves, elsewhere
 
 Starts its own nats-server and gateway (loopback, temporary directory, the gateway's default
@@ -694,7 +694,7 @@ def _capped(grid: Grid, most: int) -> Grid:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--reduced", action="store_true", help="a few points per curve, 1 s each (~2 min)")
+    p.add_argument("--reduced", action="store_true", help="a few points per curve, 1 s each (~1.5 min)")
     p.add_argument("--only", default="", metavar="CURVES", help=f"comma-separated, of {', '.join(CURVES)}")
     p.add_argument("--out", default="", metavar="DIR", help="where to write curves.png and curves.json "
                    "(default: bench/)")
