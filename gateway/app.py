@@ -68,6 +68,7 @@ HEALTH_INTERVAL_S = 2.0
 # what the client still sends for this long, so that the client sees the answer, then closes (its
 # default of 10 s let a refused client hold its connection that long).
 LINGER_S = 2.0
+LISTEN_BACKLOG = 4096  # pending connections the kernel queues (aiohttp: 128, which drops bursts of connects)
 CLOSE_BUDGET_S = 1.5  # after the drain: broker sessions, control plane, its connection (a third each)
 DEV_ENV_PUBLIC = "/memgw.v1.MonitoringService/GetResourcesUtilization"  # upstream's DEV_ENV route, no token
 STOP_MARGIN_S = 1.9  # the whole stop takes at most drain_timeout_s + this (8 + 1.9 s by default)
@@ -189,7 +190,8 @@ class Gateway:
         self._runner = rest_runner(handler, shutdown_timeout=s.drain_timeout_s / 2,
                                    keepalive_timeout=s.http_keepalive_s, lingering_time=LINGER_S)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, s.host, s.http_port, reuse_port=s.workers > 1)
+        site = web.TCPSite(self._runner, s.host, s.http_port, reuse_port=s.workers > 1,
+                           backlog=LISTEN_BACKLOG)
         try:
             await site.start()
         except OSError as exc:
