@@ -606,7 +606,7 @@ def draw(res: Results, png: Path) -> None:
 async def amain(a: argparse.Namespace) -> int:
     import signal
 
-    from gateway.embedded import EmbeddedBroker
+    from gateway.embedded.server import EmbeddedBroker
 
     main_task = asyncio.current_task()
     assert main_task is not None

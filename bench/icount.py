@@ -130,7 +130,7 @@ def _totals(work: Path, name: str) -> int:
 
 
 async def amain(a: argparse.Namespace) -> int:
-    from gateway.embedded import EmbeddedBroker
+    from gateway.embedded.server import EmbeddedBroker
 
     if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
         raise SystemExit("bench/icount.py needs valgrind (apt-get install -y valgrind)")

@@ -119,7 +119,9 @@ def message_headers(
             kind = _kind(key)
             if kind == _DROP:
                 continue
-            value = check_value(f"header {key!r}", source[key])
+            value = source[key]
+            if not _BAD_VALUE_CHARS.isdisjoint(value):
+                check_value(f"header {key!r}", value)  # raises, naming the header
             if kind == _ALIAS:
                 header_key = header_key or value
                 continue
