@@ -225,7 +225,9 @@ async def gateway(broker_url: str, work: Path, name: str, *extra: str) -> AsyncI
     http_port, grpc_port = free_port(), free_port()
     argv = [python(), "-m", "gateway", "serve", "--broker", broker_url, "--control-plane", "--host", HOST,
             "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--root-user", "root",
-            "--root-password", "memphis", "--jwt-secret", JWT_SECRET, *extra]
+            "--root-password", "memphis", "--jwt-secret", JWT_SECRET,
+            "--max-stations-per-user", "0",  # the stations curve makes 1,000 of them (default quota: 1,000 per user)
+            *extra]
     child = spawn(name, argv, work, cpus=None, pinning=NO_PIN)
     gw = Gateway(child, f"http://{HOST}:{http_port}")
     try:
