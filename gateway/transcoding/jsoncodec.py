@@ -325,9 +325,10 @@ def loads(data: bytes | str) -> Any:
 
 
 def _too_deep(exc: orjson.JSONDecodeError) -> bool:
-    """orjson parses at most 1024 levels ("depth limit exceeded"; "Recursion limit reached" before 3.10)."""
+    """orjson parses at most 1024 levels; its words for it vary by version ("depth limit exceeded",
+    "array and object recursion depth exceeded" in 3.10, "Recursion limit reached" before)."""
     why = exc.msg.lower()
-    return "depth limit" in why or "recursion limit" in why
+    return "depth" in why or "recursion" in why
 
 
 def dumps(msg: Message) -> bytes:
