@@ -68,6 +68,8 @@ async def serve(settings: config.Settings) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # JSON up to orjson's 1024 levels must not exhaust Python's recursion in the json decoders
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 4000))
     args = parse(argv)
     try:
         settings = config.from_args(args)

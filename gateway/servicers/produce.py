@@ -15,6 +15,7 @@ from memgw.v1 import produce_pb2
 from gateway.broker.seam import Broker, OutMessage
 from gateway.core.errors import InvalidArgument
 from gateway.core.headers import EMPTY, MessageHeaders, message_headers, with_headers
+from gateway.core.jsondepth import MAX_JSON_DEPTH, too_deep
 from gateway.core.names import station_name, validate_name
 from gateway.rpc.call import CallContext
 
@@ -47,6 +48,9 @@ def _no_constant(name: str) -> Any:
 _ELEMENT = json.JSONDecoder(parse_constant=_no_constant)
 
 
+_DEEP_SCAN = 500  # fewer brackets than this cannot nest deeper than Python's json recurses
+
+
 def json_elements(body: bytes, max_count: int) -> list[bytes]:
     """Each element of a JSON array body, as compact JSON text; at most ``max_count`` of them.
 
@@ -55,6 +59,16 @@ def json_elements(body: bytes, max_count: int) -> list[bytes]:
     body with more than ``max_count`` elements is refused as soon as the walk passes the
     limit. Parsing the whole array first made one Python object per element before any
     check: ``[0,0,...]`` (400 KB, 200k elements) grew the gateway by 800 MB."""
+    if body.count(b"[") + body.count(b"{") > _DEEP_SCAN:
+        # A body that could nest deeper than Python's json recurses is checked by orjson first (C, no
+        # recursion; 1024 levels at most): a RecursionError in Python's decoder can leave CPython 3.11
+        # unable to compile (SystemError in a later import), which a client must not be able to cause.
+        try:
+            orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            if too_deep(exc.msg):
+                raise InvalidArgument(f"Invalid request body: JSON nested deeper than {MAX_JSON_DEPTH} levels") \
+                    from None  # anything else (integers beyond 64 bits): the walk below decides
     try:
         text = body.decode()
     except UnicodeDecodeError:

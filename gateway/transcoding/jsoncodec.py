@@ -30,6 +30,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
+from gateway.core.jsondepth import MAX_JSON_DEPTH, too_deep
 from gateway.transcoding import wkt
 from gateway.transcoding.jsonscalars import (
     INT_RANGES,
@@ -46,7 +47,6 @@ from gateway.transcoding.jsonscalars import (
 __all__ = ["INT_RANGES", "INVALID_JSON", "FieldCodec", "JsonDecodeError", "MessageCodec", "codec_for", "dumps", "loads"]
 
 INVALID_JSON = "Invalid request body"
-MAX_JSON_DEPTH = 1024  # orjson's limit
 
 
 # ---------------------------------------------------------------- scalars
@@ -319,16 +319,9 @@ def loads(data: bytes | str) -> Any:
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError as exc:
-        if _too_deep(exc):
+        if too_deep(exc.msg):
             raise JsonDecodeError(f"{INVALID_JSON}: JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
         raise JsonDecodeError(INVALID_JSON) from None
-
-
-def _too_deep(exc: orjson.JSONDecodeError) -> bool:
-    """orjson parses at most 1024 levels; its words for it vary by version ("depth limit exceeded",
-    "array and object recursion depth exceeded" in 3.10, "Recursion limit reached" before)."""
-    why = exc.msg.lower()
-    return "depth" in why or "recursion" in why
 
 
 def dumps(msg: Message) -> bytes:

@@ -50,6 +50,13 @@ from schemathesis.specs.openapi.checks import (
 from gateway.transcoding.openapi import OPENAPI_PATH
 from tests.harness import Clients, running_gateway, settings_for
 
+# schemathesis imports most of itself lazily, and run_schemathesis runs in a worker thread: CPython
+# 3.11 before 3.11.9 can fail compiling in two threads at once ("AST constructor recursion depth
+# mismatch", gh-106905). Load it here, on the main thread, while the tests are collected.
+schemathesis.openapi.from_dict(
+    {"openapi": "3.1.0", "info": {"title": "warm-up", "version": "1"}, "paths": {}}
+)
+
 BODY_LIMIT = 64 * 1024
 TRACEBACK_MARKERS = (b"Traceback", b'File "', b"Error(", b"line ")
 STREAM_PATH_SUFFIX = "/consume/stream"
