@@ -147,7 +147,8 @@ class TokenService:
         """A token the upstream gateway issued (docs/upstream.md, "Claims, exactly"); ``ours`` if not one."""
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", jwt.InsecureKeyLengthWarning)  # upstream: any length
+                # upstream secrets have any length (pyjwt 2.10 warns about short ones; older ones do not)
+                warnings.simplefilter("ignore", getattr(jwt, "InsecureKeyLengthWarning", UserWarning))
                 claims = jwt.decode(
                     token, self._upstream[kind], algorithms=UPSTREAM_ALGORITHMS, options={"require": ["exp"]}
                 )

@@ -126,7 +126,8 @@ KNOWN = frozenset(
 def upstream_tokens(values: Values, minutes: int = 60) -> dict[str, str]:
     """Tokens exactly as memphis-rest-gateway 1.2.8 issued them (handlers/auth.go createTokens, password mode)."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", jwt.InsecureKeyLengthWarning)  # the compose's secrets are 16-24 bytes
+        # the compose's secrets are 16-24 bytes (pyjwt 2.10 warns about those)
+        warnings.simplefilter("ignore", getattr(jwt, "InsecureKeyLengthWarning", UserWarning))
         return _upstream_tokens(values, minutes)
 
 
