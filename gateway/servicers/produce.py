@@ -61,8 +61,8 @@ def json_elements(body: bytes, max_count: int) -> list[bytes]:
     check: ``[0,0,...]`` (400 KB, 200k elements) grew the gateway by 800 MB."""
     if body.count(b"[") + body.count(b"{") > _DEEP_SCAN:
         # A body that could nest deeper than Python's json recurses is checked by orjson first (C, no
-        # recursion; 1024 levels at most): a RecursionError in Python's decoder can leave CPython 3.11
-        # unable to compile (SystemError in a later import), which a client must not be able to cause.
+        # Python recursion; 1024 levels at most), so no client input drives the decoder below into
+        # RecursionError, deep in the interpreter's stack.
         try:
             orjson.loads(body)
         except orjson.JSONDecodeError as exc:
