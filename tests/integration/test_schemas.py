@@ -109,7 +109,12 @@ async def test_schema_lifecycle_rest(gw: Clients, token: str) -> None:
     status, body = await delete(gw, f"/schemas/{schema}", token)
     assert status == 409 and station in body["error"] and "detach" in body["error"], body
     assert (await delete(gw, f"/stations/{station}/schema", token)) == (200, {"error": None, "success": True})
-    assert (await produce_json(gw, station, {"a": 1}, token))[0] == 200  # no schema any more
+    # no schema any more: live producers learn it from the control plane's push (asynchronous)
+
+    async def unchecked() -> bool:
+        return (await produce_json(gw, station, {"a": 1}, token))[0] == 200
+
+    assert await eventually(unchecked)
     assert (await delete(gw, f"/schemas/{schema}", token)) == (200, {"error": None, "success": True})
     status, body, _ = await gw.get(f"/schemas/{schema}", token=token)
     assert (status, body) == (404, {"error": f"Schema {schema} does not exist", "success": False})

@@ -136,7 +136,7 @@ async def page_items(url: str, wait_s: float) -> list[str]:
     returns while an EventSource keeps a request open."""
     browser = chromium()
     assert browser is not None
-    with tempfile.TemporaryDirectory() as profile:
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:  # Chromium may still write it
         proc = await asyncio.create_subprocess_exec(
             browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
