@@ -157,6 +157,9 @@ def configure(level: str) -> None:
     handler = BufferedStreamHandler(stream)
     handler.setFormatter(logging.Formatter(FORMAT))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
-    for noisy in ("nats", "aiohttp.access"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # nats-py's default error callback logs a traceback per failed (re)connect; memphis-py's connect
+    # runs with it before the session installs its own callbacks, which log one line per outage
+    # (gateway/broker/sessions.py, Session.watch; the service connections in gateway/broker_setup.py)
+    logging.getLogger("nats").setLevel(logging.CRITICAL)
     access = handler.record
