@@ -17,7 +17,7 @@ import ipaddress
 import logging
 import os
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -369,7 +369,3 @@ def secrets_given_as_flags(args: argparse.Namespace) -> list[str]:
 def from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
     names = {f.name for f in fields(Settings)} | {name + "_file" for name in secret_fields()}
     return load(environ, {k: v for k, v in vars(args).items() if k in names})
-
-
-def setting_names() -> Sequence[str]:
-    return [f.name for f in fields(Settings)]
