@@ -3,6 +3,7 @@
     python bench/icount.py                                   # the gateway at its default (INFO) and at WARNING
     python bench/icount.py --requests 5000 --variant info= --variant "warn=--log-level WARNING"
     python bench/icount.py --variant "old=@/path/to/other/checkout" --variant new=   # two builds
+    python bench/icount.py --baseline --variant gw=          # baseline B first: the gateway's cost as a ratio of B's
 
 On a shared machine req/s moves by +-30% from one run to the next; the number of instructions the
 gateway executes per request does not. Each variant starts a gateway under ``valgrind
@@ -109,6 +110,38 @@ async def count(broker_url: str, work: Path, name: str, extra: list[str], checko
     return _totals(work, name)
 
 
+async def count_baseline(broker_url: str, work: Path, n: int) -> int:
+    """The same count for baseline B (bench/baselines.py rest: aiohttp + js.publish), the yardstick."""
+    from bench.common import RAW_STREAM, connect, ensure_stream
+
+    nc = await connect(broker_url)
+    await ensure_stream(nc.jetstream(), RAW_STREAM)
+    await nc.close()
+    port = free_port()
+    argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={work / 'callgrind-B.%p'}",
+            sys.executable, str(ROOT / "bench" / "baselines.py"), "rest", "--url", broker_url, "--port", str(port)]
+    log_path = work / "B.log"
+    proc = _start(argv, dict(os.environ), work, log_path)
+    try:
+        deadline = time.monotonic() + 180
+        while b"READY" not in log_path.read_bytes():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"B did not start:\n{log_path.read_text()[-2000:]}")
+            await asyncio.sleep(0.3)
+        await send(port, "-", 300)
+        await asyncio.to_thread(_instrument, proc.pid, "on")
+        await send(port, "-", n)
+        await asyncio.to_thread(_instrument, proc.pid, "off")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    return _totals(work, "B")
+
+
 def _start(argv: list[str], env: dict[str, str], work: Path, log_path: Path) -> subprocess.Popen[bytes]:
     with open(log_path, "wb") as log:
         return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work, start_new_session=True)
@@ -140,6 +173,12 @@ async def amain(a: argparse.Namespace) -> int:
     results: list[tuple[str, int]] = []
     try:
         await broker.start()
+        if a.baseline:
+            t0 = time.monotonic()
+            total = await count_baseline(broker.url, work, a.requests)
+            results.append(("B (minimal aiohttp)", total))
+            print(f"B: {total / a.requests:,.0f} instructions per request ({time.monotonic() - t0:.0f} s)",
+                  file=sys.stderr, flush=True)
         for spec in variants:
             name, _, rest = spec.partition("=")
             flags, _, checkout = rest.partition("@")
@@ -165,6 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--requests", type=int, default=2000, help="requests counted per variant (default 2000)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS[@CHECKOUT]",
                    help="a gateway to count (repeatable); default: INFO (no flag) and --log-level WARNING")
+    p.add_argument("--baseline", action="store_true",
+                   help="count baseline B first (the minimal aiohttp handler); ratios are then against it")
     a = p.parse_args(argv)
     sys.exit(asyncio.run(amain(a)))
 

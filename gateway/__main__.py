@@ -61,10 +61,28 @@ async def serve(settings: config.Settings) -> int:
         log.error("start-up failed: %s", exc)
         await gateway.stop()
         return 1
-    gc.freeze()  # start-up objects (descriptors, modules) leave the collector's generations: shorter GC pauses
+    tune_gc()
     await stopping.wait()
     await gateway.stop()
     return 0
+
+
+# The young generation's threshold: container objects allocated (net of those freed) before a collection.
+# CPython's default, 700, is less than what 50 calls in flight hold at once (a request, its message,
+# futures, dicts: ~20 each), so under load the count crosses it again and again: every few
+# milliseconds a collection walked every in-flight object, found nothing to free (the gateway makes
+# no reference cycles per call) and moved them all to older generations, whose collections then
+# walked them again. Measured on the REST produce/single benchmark (50 connections): 250 collections
+# in 6 s and 12-18% of the gateway's CPU per request; with this threshold, none in 6 s.
+GC_YOUNG_THRESHOLD = 20_000
+
+
+def tune_gc() -> None:
+    """Once the gateway has started: its start-up objects leave the collector's generations
+    (descriptors, modules: never garbage), and the young generation holds what the calls in flight use."""
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,7 +11,7 @@ from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Gauge, GCCollector, ProcessCollector, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -66,6 +66,9 @@ class Metrics:
         self.latency: dict[str, _Latency] = {}  # method -> histogram
         self._others: Sequence[Snapshot] = ()  # other workers' snapshots, during one exposition
         self.registry.register(_CallCollector(self))
+        # the process answering the scrape (with --workers: one worker's): CPU, memory, GC collections
+        ProcessCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
         self.broker_up = Gauge("memphis_gateway_broker_up", "1 while the broker answers", registry=self.registry)
 
     def observe(self, endpoint: Endpoint, code: str, seconds: float) -> None:
