@@ -14,6 +14,8 @@ and elsewhere in this package:
 - B9: protobuf schemas use GetMessageClass instead of the removed GetPrototype (:func:`parse_descriptor`);
 - B12: memphis-py refuses protobuf payloads that are not UTF-8: checked here instead (:func:`protobuf_payload`);
   consumers asking for JSON get messages decoded with the same loaded schema (:func:`decode_payload`);
+- the gateway's own schema refusals are reported to the dead-letter store as memphis-py reports its
+  own (:func:`refusal_report`, docs/memphis-py.md "$memphis_schemaverse_dls");
 - B13: a password login with TLS deep-copies its SSLContext and fails: the context is shared (:func:`tls_safe`);
 - ``fetch()`` ignores its wait time (5 s fixed): the gateway fetches from the subscriptions (``consume``).
 
@@ -25,7 +27,10 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import ssl
+import time
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -184,3 +189,20 @@ def decode_payload(m: Memphis, key: str, data: bytes) -> tuple[struct_pb2.Value 
         what = f"protobuf {template.DESCRIPTOR.full_name}" if template is not None else "JSON"
         return None, f"not a {what}: {schema_error(str(exc)) or type(exc).__name__}", 0
     return value, "", len(text)
+
+
+SCHEMAVERSE_DLS = "$memphis_schemaverse_dls"
+
+
+def refusal_report(m: Memphis, key: str, producer_name: str, data: bytes, headers: Mapping[str, str],
+                   error: str) -> bytes:
+    """What memphis-py publishes on ``$memphis_schemaverse_dls`` when its schema check refused a message
+    (docs/memphis-py.md, 1.5), for a message the gateway refused: the same dead-letter path."""
+    return json.dumps({
+        "station_name": key,
+        "producer": {"name": producer_name, "connection_id": m.connection_id or ""},
+        "creation_unix": int(time.time()),
+        "message": {"data": data.hex(), "headers": {**headers, "$memphis_producedBy": producer_name,
+                                                    "$memphis_connectionId": m.connection_id or ""}},
+        "validation_error": error,
+    }).encode()
