@@ -1,5 +1,6 @@
 """Dead letters over REST and gRPC: a message nacked max_msg_deliveries times lands in the station's
-dead-letter store with its group and delivery count, and is resent; memphis-py's schema refusals too."""
+dead-letter store with its group and delivery count, and is resent; schema refusals (memphis-py's and the
+gateway's own) too."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from memgw.v1 import deadletters_pb2, deadletters_pb2_grpc
 from memphis import Memphis
 from memphis.exceptions import MemphisSchemaError
 
+from gateway.embedded import deadletters
 from tests.harness import ROOT_PASSWORD, ROOT_USER, Clients, bearer
 
 
@@ -224,3 +226,24 @@ async def test_gateway_schema_refusal_not_kept_with_schemaverse_off(gw: Clients,
             station=station, body={"content_type": "application/json", "data": b'{"z": 2}'}), metadata=md)
     assert await dead_letters(gw, station, token, 1, seconds=1.0) == []
     await delete(gw, f"/stations/{station}", token)
+
+
+async def test_the_store_is_bounded_and_a_store_made_before_the_bounds_gets_them(gw: Clients, nats_server) -> None:
+    from tests.conftest import connect_root
+
+    nc = await connect_root(nats_server, name="tests::dls-bounds")
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(deadletters.STREAM)
+        assert (info.config.max_msgs_per_subject, info.config.max_bytes) == (
+            deadletters.MAX_PER_STATION, deadletters.MAX_STORE_BYTES)
+        info.config.max_msgs_per_subject, info.config.max_bytes = -1, -1  # as stores were made before
+        await js.update_stream(info.config)
+        store = deadletters.DeadLetters(gw.gateway.control_plane.catalog, queue="tests-dls")  # type: ignore[union-attr]
+        await store.open(nc)
+        await store.close()
+        info = await js.stream_info(deadletters.STREAM)
+        assert (info.config.max_msgs_per_subject, info.config.max_bytes) == (
+            deadletters.MAX_PER_STATION, deadletters.MAX_STORE_BYTES)
+    finally:
+        await nc.close()
