@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import nats.errors
@@ -20,7 +21,7 @@ import nats.js.errors
 from gateway.broker.ackid import AckIds
 from gateway.broker.natsutil import DOWN, DOWN_SHORT, RETRY_AFTER_S, ping, pull, unless_lost
 from gateway.broker.routes import Group
-from gateway.broker.sdk import sdk_call
+from gateway.broker.sdk import decodable, decode_payload, sdk_call
 from gateway.broker.seam import ConsumerSpec, InMessage
 from gateway.broker.sessions import Session, SessionPool
 from gateway.core.deadlines import timeout
@@ -34,6 +35,10 @@ HIDDEN_HEADERS = ("$memphis", "Nats-Msg-Id", "msg-id")
 ACK, NAK = b"+ACK", b"-NAK"
 CARRY_AGE_SHARE = 0.8  # carried messages are handed out within this share of the group's ack wait
 MESSAGE_OVERHEAD = 64  # bytes an answer adds per message beyond its data and headers (framing, JSON)
+# Decoding: a fetch takes at most 1/DECODE_GROWTH of the answer limit, and a message whose decoded
+# form (JSON text or protobuf Value, the larger) passes DECODE_GROWTH times its stored size (plus
+# MESSAGE_OVERHEAD) comes back as stored, with a decode_error: answers stay within the limit.
+DECODE_GROWTH = 8
 
 
 class Consuming:
@@ -52,7 +57,10 @@ class Consuming:
         session = await self._pool.get(creds)
         session.in_use += 1
         try:
-            group = await self.group(session, spec)
+            group = await self.group(session, spec)  # creating it loads the station's schema
+            if spec.decode:
+                decodable(session.memphis, internal_name(spec.station), spec.station)
+            limit = max(spec.max_bytes // DECODE_GROWTH, 1) if spec.decode and spec.max_bytes else spec.max_bytes
             # Concurrent fetches on one consumer are not guaranteed by the SDK: one at a time,
             # but a caller waits for its turn only until its own deadline.
             try:
@@ -63,19 +71,19 @@ class Consuming:
             try:
                 carried = take_carried(group, batch_size, time.monotonic())  # beyond what an answer held
                 msgs = [msg for _, msg in carried]
-                full = bool(spec.max_bytes) and _size(msgs) >= spec.max_bytes
+                full = bool(limit) and _size(msgs) >= limit
                 if len(msgs) < batch_size and not full:
                     wait = deadline - time.monotonic() if not msgs else 0.01
-                    room = _pull_bytes(session, spec.max_bytes, msgs)
+                    room = _pull_bytes(session, limit, msgs)
                     fetched = await self._fetch(session, group, batch_size - len(msgs), wait, room)
                     now = time.monotonic()
                     carried += [(now, msg) for msg in fetched]
                     msgs += fetched
-                msgs, _ = _fit(msgs, spec.max_bytes)
+                msgs, _ = _fit(msgs, limit)
                 group.carry[:0] = carried[len(msgs):]  # each with the time it was fetched
             finally:
                 group.lock.release()
-            return await self._hand_out(session, msgs, spec.explicit_ack, spec.include_metadata)
+            return await self._hand_out(session, msgs, spec)
         finally:
             session.in_use -= 1
             session.last_used = time.monotonic()
@@ -154,16 +162,19 @@ class Consuming:
                 raise Unavailable(f"broker unavailable: {why}; retry shortly", retry_after=RETRY_AFTER_S) from None
         return out
 
-    async def _hand_out(self, session: Session, msgs: list[Any], explicit: bool, metadata: bool) -> list[InMessage]:
+    async def _hand_out(self, session: Session, msgs: list[Any], spec: ConsumerSpec) -> list[InMessage]:
+        explicit = spec.explicit_ack
         result = [
             InMessage(
                 data=msg.data,
                 headers={k: v for k, v in (msg.headers or {}).items() if not k.startswith(HIDDEN_HEADERS)},
                 ack_id=self._ack_ids.seal(msg.reply) if explicit else None,
-                **(position(msg) if metadata else {}),
+                **(position(msg) if spec.include_metadata else {}),
             )
             for msg in msgs
         ]
+        if spec.decode:
+            result = [decoded(session, spec, message) for message in result]
         if msgs and not explicit:
             await self._send_acks(session, [msg.reply for msg in msgs], ACK)
         return result
@@ -194,7 +205,23 @@ class Consuming:
         return len(subjects)
 
 
-def position(msg: Any) -> dict[str, int]:
+def decoded(session: Session, spec: ConsumerSpec, message: InMessage) -> InMessage:
+    """``message`` with its payload decoded by the station's schema (``decoded``, ``data`` then empty)
+    or, when it does not decode or its decoded form is too large, as stored with ``decode_error``."""
+    value, error, text_size = decode_payload(session.memphis, internal_name(spec.station), message.data)
+    if value is not None:
+        size = max(text_size, value.ByteSize())
+        allowed = DECODE_GROWTH * (len(message.data) + MESSAGE_OVERHEAD)
+        if spec.max_bytes:
+            allowed = min(allowed, spec.max_bytes)
+        if size <= allowed:
+            return replace(message, data=b"", decoded=value)
+        error = (f"the decoded message is {size} bytes, more than this answer allows for a stored message of "
+                 f"{len(message.data)} bytes; decode the message field yourself")
+    return replace(message, decode_error=error)
+
+
+def position(msg: Any) -> dict[str, Any]:
     """A JetStream message's sequence, partition, store time and delivery count, from its reply subject.
 
     Read from nats-py's ``Msg.metadata`` property (memphis-py's ``get_timesent()`` calls it as a

@@ -24,12 +24,13 @@ from typing import Any
 import nats.errors
 import nats.js.errors
 
-from gateway.broker.consume import HIDDEN_HEADERS, Consuming
+from gateway.broker.consume import HIDDEN_HEADERS, Consuming, decoded
+from gateway.broker.sdk import decodable
 from gateway.broker.seam import ConsumerSpec, InMessage
 from gateway.broker.sessions import SessionPool
 from gateway.core.errors import Unavailable
 from gateway.core.identity import Credentials
-from gateway.core.names import FINAL
+from gateway.core.names import FINAL, internal_name
 
 REPLAY_LIMIT = 10_000
 Cursor = dict[int, int]
@@ -41,6 +42,8 @@ async def event_stream(
     """(cursor, message) pairs; the first carries no message. ``spec`` must ask for explicit acks."""
     session = await pool.get(creds)
     group = await consuming.group(session, spec)
+    if spec.decode:
+        decodable(session.memphis, internal_name(spec.station), spec.station)
     streams: dict[int, str] = {}
     delivered: Cursor = {}
     try:
@@ -61,7 +64,7 @@ async def event_stream(
                 message = await _stored(session.js, stream, seq, partition)
                 if message is not None:
                     cursor[partition] = seq
-                    yield dict(cursor), message
+                    yield dict(cursor), decoded(session, spec, message) if spec.decode else message
             cursor[partition] = delivered[partition]
     station = spec.station
     while not consuming.draining:

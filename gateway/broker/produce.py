@@ -9,6 +9,7 @@ itself would use (docs/memphis-py.md, "Names"), all of a batch in flight at once
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -18,13 +19,14 @@ import nats.errors
 from gateway.broker.natsutil import DOWN, RETRY_AFTER_S
 from gateway.broker.publisher import Publisher, encode_headers, header_lines
 from gateway.broker.routes import ConnectionLost, Route
-from gateway.broker.sdk import protobuf_payload, sdk_call, validated
+from gateway.broker.sdk import SCHEMAVERSE_DLS, protobuf_payload, refusal_report, sdk_call, validated
 from gateway.broker.seam import OutMessage
 from gateway.broker.sessions import Session, SessionPool
 from gateway.core.errors import InvalidArgument, Unavailable
 from gateway.core.identity import Credentials
 from gateway.core.names import FINAL, internal_name, stream_name
 
+log = logging.getLogger("gateway.broker")
 PRODUCER_NAME = "rest-gateway"
 LOST_IN_FLIGHT = (
     "broker unavailable: the connection to the broker was lost before it acknowledged; "
@@ -89,6 +91,7 @@ class Producing:
         positions: list[int] = []
         schema = self._schema(session, route, station, key)
         protobuf = schema is not None and schema.get("type") == "protobuf"
+        refused: list[int] = []
         for i, message in enumerate(messages):
             payload = message.data
             if schema is not None:
@@ -99,6 +102,7 @@ class Producing:
                         payload = bytes(await validated(session.memphis, station, payload))
                 except InvalidArgument as exc:
                     errors[i] = exc.message
+                    refused.append(i)
                     continue
             headers = message.headers
             block = blocks.get(id(headers)) or blocks.setdefault(
@@ -106,6 +110,8 @@ class Producing:
             subject = route.only_subject or route.subjects[self._partition(route, message)]
             items.append((subject, block, payload))
             positions.append(i)
+        if refused and session.memphis.station_schemaverse_to_dls.get(key):
+            await self._report_refusals(session, route, key, [(messages[i], errors[i] or "") for i in refused])
         if not items:
             return errors
         if session.publisher is None:
@@ -128,6 +134,24 @@ class Producing:
                     raise Unavailable(f"broker unavailable: {error.text}", retry_after=RETRY_AFTER_S)
                 errors[i] = error.text
         return errors
+
+    @staticmethod
+    async def _report_refusals(
+        session: Session, route: Route, key: str, refusals: list[tuple[OutMessage, str]]
+    ) -> None:
+        """Schema refusals to the station's dead letters (its dls.schemaverse is on), as memphis-py
+        reports its own. Best effort, never waited for: the caller has its 400 either way. Bounded
+        by the connection's write buffer (a flood beyond it, or a report beyond the broker's
+        max_payload, is not stored; one log line per call) and by the store's limits."""
+        name = str(getattr(route.producer, "producer_name", "") or PRODUCER_NAME)
+        for message, error in refusals:
+            report = refusal_report(session.memphis, key, name, message.data, message.headers.items, error)
+            try:
+                await session.nc.publish(SCHEMAVERSE_DLS, report)
+            except (nats.errors.Error, OSError) as exc:
+                log.info("schema refusals of station %s not sent to its dead letters: %s", key,
+                         type(exc).__name__)
+                return
 
     def _partition(self, route: Route, message: OutMessage) -> int:
         if message.headers.partition_key:

@@ -13,6 +13,9 @@ and elsewhere in this package:
 - B7: ``close()`` leaks consumer tasks: cancelled in :func:`close_session`;
 - B9: protobuf schemas use GetMessageClass instead of the removed GetPrototype (:func:`parse_descriptor`);
 - B12: memphis-py refuses protobuf payloads that are not UTF-8: checked here instead (:func:`protobuf_payload`);
+  consumers asking for JSON get messages decoded with the same loaded schema (:func:`decode_payload`);
+- the gateway's own schema refusals are reported to the dead-letter store as memphis-py reports its
+  own (:func:`refusal_report`, docs/memphis-py.md "$memphis_schemaverse_dls");
 - B13: a password login with TLS deep-copies its SSLContext and fails: the context is shared (:func:`tls_safe`);
 - ``fetch()`` ignores its wait time (5 s fixed): the gateway fetches from the subscriptions (``consume``).
 
@@ -24,10 +27,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import ssl
+import time
+from collections.abc import Mapping
 from typing import Any
 
-from google.protobuf import descriptor_pb2, descriptor_pool, json_format
+import orjson
+from google.protobuf import descriptor_pb2, descriptor_pool, json_format, struct_pb2
 from google.protobuf.message import DecodeError
 from google.protobuf.message_factory import GetMessageClass
 from memphis import Memphis
@@ -142,3 +149,60 @@ def protobuf_payload(m: Memphis, key: str, data: bytes, is_json: bool) -> bytes:
         raise InvalidArgument(f"Schema validation has failed: Invalid message format, expecting protobuf {kind} "
                               f"({exc})") from None
     return data
+
+
+DECODABLE = ("protobuf", "json")
+
+
+def decodable(m: Memphis, key: str, station: str) -> None:
+    """InvalidArgument unless the station's schema (as pushed to this connection) can decode messages."""
+    schema = m.schema_updates_data.get(key) or {}
+    kind = schema.get("type", "")
+    if kind not in DECODABLE:
+        has = f"a {kind} schema" if kind else "no schema"
+        raise InvalidArgument(f"decode needs a protobuf or JSON schema on the station; station {station} has {has}: "
+                              "consume without decode")
+
+
+def decode_payload(m: Memphis, key: str, data: bytes) -> tuple[struct_pb2.Value | None, str, int]:
+    """(the payload as a JSON value, why not, the size of its JSON text) by the station's schema.
+
+    Protobuf: parsed with the message loaded for producing (``proto_msgs``, :func:`parse_descriptor`),
+    rendered in protobuf's JSON mapping with proto field names; JSON: parsed. Never raises."""
+    schema = m.schema_updates_data.get(key) or {}
+    kind = schema.get("type", "")
+    template = m.proto_msgs.get(key) if kind == "protobuf" else None
+    if kind == "protobuf" and template is None:
+        return None, "the station's protobuf schema is not loaded yet", 0
+    try:
+        if template is not None:
+            message = type(template)()
+            message.ParseFromString(data)
+            text = json_format.MessageToJson(message, preserving_proto_field_name=True, indent=None)
+        elif kind == "json":
+            text = orjson.dumps(orjson.loads(data)).decode()
+        else:
+            return None, f"the station has {'a ' + kind + ' schema' if kind else 'no schema'} now", 0
+        value = struct_pb2.Value()
+        json_format.Parse(text, value, max_recursion_depth=100)
+    except (DecodeError, ValueError, RuntimeError, json_format.ParseError, orjson.JSONDecodeError) as exc:
+        what = f"protobuf {template.DESCRIPTOR.full_name}" if template is not None else "JSON"
+        return None, f"not a {what}: {schema_error(str(exc)) or type(exc).__name__}", 0
+    return value, "", len(text)
+
+
+SCHEMAVERSE_DLS = "$memphis_schemaverse_dls"
+
+
+def refusal_report(m: Memphis, key: str, producer_name: str, data: bytes, headers: Mapping[str, str],
+                   error: str) -> bytes:
+    """What memphis-py publishes on ``$memphis_schemaverse_dls`` when its schema check refused a message
+    (docs/memphis-py.md, 1.5), for a message the gateway refused: the same dead-letter path."""
+    return json.dumps({
+        "station_name": key,
+        "producer": {"name": producer_name, "connection_id": m.connection_id or ""},
+        "creation_unix": int(time.time()),
+        "message": {"data": data.hex(), "headers": {**headers, "$memphis_producedBy": producer_name,
+                                                    "$memphis_connectionId": m.connection_id or ""}},
+        "validation_error": error,
+    }).encode()

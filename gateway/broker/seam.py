@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from gateway.core.headers import EMPTY, MessageHeaders
 from gateway.core.identity import Credentials
@@ -38,6 +38,9 @@ class InMessage:
     partition: int = 0  # 1..N (0: a station without partitions)
     timestamp_ns: int = 0  # when the broker stored it, ns since the epoch
     deliveries: int = 0  # this delivery included
+    # set when the ConsumerSpec asked to decode: the message as a JSON value (data is then empty), or why not
+    decoded: Any = None  # a google.protobuf.Value
+    decode_error: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -48,6 +51,7 @@ class ConsumerSpec:
     explicit_ack: bool = False
     max_bytes: int = 0  # hand out at most about this many bytes per batch (0: no limit); the rest waits
     include_metadata: bool = False  # fill InMessage's sequence, partition, timestamp_ns, deliveries
+    decode: bool = False  # fill InMessage's decoded (or decode_error) by the station's schema
     # the group's settings when this call creates it (None: memphis-py's default)
     max_msg_deliveries: int | None = None
     max_ack_time_ms: int | None = None

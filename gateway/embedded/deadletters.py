@@ -6,12 +6,15 @@ Two sources, both heard by the control plane (a queue subscription: one replica 
   when a consumer group's durable gave up on a message (delivered, or nacked, max_msg_deliveries
   times); the message is read back from its partition stream by sequence;
 * **schema refusals**: what memphis-py publishes on ``$memphis_schemaverse_dls`` when its client-side
-  validation refused a message (docs/memphis-py.md, "$memphis_schemaverse_dls").
+  validation refused a message (docs/memphis-py.md, "$memphis_schemaverse_dls"), and what the
+  gateway's own producers publish there in the same form (``gateway.broker.produce``).
 
 Either is stored when the station's ``dls`` setting for it is on, as one message of the JetStream
 stream ``memgw-dls`` on subject ``memgw-dls.<internal station name>``: the original payload and
 headers plus ``Memgw-Dls-*`` headers (reason, group, deliveries, partition, sequence, error). The
-dead letter's id is its sequence in that stream.
+dead letter's id is its sequence in that stream. The stream keeps at most ``MAX_PER_STATION``
+dead letters per station and ``MAX_STORE_BYTES`` in all (the oldest go first), and refusal reports
+waiting to be stored are bounded by ``MAX_PENDING_BYTES`` (beyond: dropped by the client library).
 """
 
 from __future__ import annotations
@@ -40,6 +43,10 @@ ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.>"
 SCHEMAVERSE_DLS = "$memphis_schemaverse_dls"
 MAX_LISTED = 1000
 MAX_AGE_S = 7 * 24 * 3600.0  # a week, as Memphis keeps dead letters
+# Bounds against a flood of poison messages or schema refusals (the oldest go first):
+MAX_PER_STATION = 10_000  # dead letters kept per station
+MAX_STORE_BYTES = 1024 * 1024 * 1024  # the whole store
+MAX_PENDING_BYTES = 16 * 1024 * 1024  # refusal reports waiting to be stored (beyond: dropped, slow consumer)
 H = "Memgw-Dls-"
 
 
@@ -80,13 +87,20 @@ class DeadLetters:
         self._nc = nc
         with broker_errors():
             config = api.StreamConfig(name=STREAM, subjects=[f"{STREAM}.>"], max_age=MAX_AGE_S,
-                                      num_replicas=self._replicas, storage=api.StorageType.FILE)
+                                      max_msgs_per_subject=MAX_PER_STATION, max_bytes=MAX_STORE_BYTES,
+                                      discard=api.DiscardPolicy.OLD, num_replicas=self._replicas,
+                                      storage=api.StorageType.FILE)
             try:
-                await self._js.stream_info(STREAM)
+                info = await self._js.stream_info(STREAM)
             except NotFoundError:
                 await self._js.add_stream(config)
+            else:  # a store made before the bounds: given them
+                if (info.config.max_msgs_per_subject, info.config.max_bytes) != (MAX_PER_STATION, MAX_STORE_BYTES):
+                    info.config.max_msgs_per_subject, info.config.max_bytes = MAX_PER_STATION, MAX_STORE_BYTES
+                    await self._js.update_stream(info.config)
             self._subs = [await nc.subscribe(ADVISORY, queue=self._queue, cb=self._on_advisory),
-                          await nc.subscribe(SCHEMAVERSE_DLS, queue=self._queue, cb=self._on_schema_refusal)]
+                          await nc.subscribe(SCHEMAVERSE_DLS, queue=self._queue, cb=self._on_schema_refusal,
+                                             pending_bytes_limit=MAX_PENDING_BYTES)]
 
     async def close(self) -> None:
         subs, self._subs = self._subs, []

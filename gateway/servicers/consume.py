@@ -49,7 +49,7 @@ def with_options(
     spec: ConsumerSpec,
     request: consume_pb2.ConsumeBatchRequest | consume_pb2.SubscribeRequest | consume_pb2.ConsumeEventsRequest,
 ) -> ConsumerSpec:
-    """The request's metadata flag and consumer group settings (used when the group is created)."""
+    """The request's metadata and decode flags and consumer group settings (used when the group is created)."""
     def opt(field: str) -> int | None:
         return int(getattr(request, field)) if request.HasField(field) else None
 
@@ -66,7 +66,7 @@ def with_options(
     if start is not None and start > 1 and last is not None and last >= 0:
         raise InvalidArgument("start_consume_from_sequence and last_messages can not both be set")
     metadata = True if isinstance(request, consume_pb2.ConsumeEventsRequest) else request.include_metadata
-    return replace(spec, include_metadata=metadata, max_msg_deliveries=deliveries,
+    return replace(spec, include_metadata=metadata, decode=request.decode, max_msg_deliveries=deliveries,
                    max_ack_time_ms=ack_ms, start_consume_from_sequence=start, last_messages=last)
 
 
@@ -92,14 +92,17 @@ def consumed(messages: Sequence[InMessage]) -> list[consume_pb2.ConsumedMessage]
 
 
 def consumed_one(m: InMessage) -> consume_pb2.ConsumedMessage:
-    if not m.sequence:
-        return consume_pb2.ConsumedMessage(message=m.data, headers=m.headers, ack_id=m.ack_id)
-    when = Timestamp()
-    when.FromNanoseconds(m.timestamp_ns)
-    return consume_pb2.ConsumedMessage(
-        message=m.data, headers=m.headers, ack_id=m.ack_id, sequence=m.sequence, partition=m.partition,
-        timestamp=when, deliveries=m.deliveries,
-    )
+    reply = consume_pb2.ConsumedMessage(message=m.data, headers=m.headers, ack_id=m.ack_id)
+    if m.sequence:
+        when = Timestamp()
+        when.FromNanoseconds(m.timestamp_ns)
+        reply.sequence, reply.partition, reply.deliveries = m.sequence, m.partition, m.deliveries
+        reply.timestamp.CopyFrom(when)
+    if m.decoded is not None:
+        reply.decoded.CopyFrom(m.decoded)
+    elif m.decode_error:
+        reply.decode_error = m.decode_error
+    return reply
 
 
 class ConsumeService:

@@ -15,7 +15,9 @@ transcoder serves (``build_bindings``), so the description cannot drift from the
   body field is a raw body with the media types its servicer accepts (:data:`RAW_BODY_TYPES`);
   client-streaming methods take ``application/x-ndjson`` (the schema is one line's);
 - responses: 200 with the response message or its ``response_body`` field
-  (``application/x-ndjson`` lines ``{"result": ...}`` for server streaming), and the errors in
+  (``application/x-ndjson`` lines ``{"result": ...}`` for server streaming; ``text/event-stream``
+  for ``STREAM_FORMAT_SSE``, its events' data schema as ``x-event-data``, with the ``Last-Event-ID``
+  request header as a parameter), and the errors in
   the method's ``error_body`` shape: ``{"message"}``, ``{"error", "success"}`` or
   ``{"code", "message"}`` (every 401 is ``{"message": "Unauthorized"}``);
 - security: a bearer JWT in ``Authorization`` or the ``authorization`` query parameter; public
@@ -45,6 +47,7 @@ __all__ = ["OPENAPI_PATH", "RAW_BODY_TYPES", "openapi_document", "openapi_route"
 
 OPENAPI_PATH = "/openapi.json"
 NDJSON = "application/x-ndjson"
+EVENT_STREAM = "text/event-stream"
 _F = FieldDescriptor
 _ANY_JSON: dict[str, Any] = {}
 # What the servicers accept in a google.api.HttpBody request (the descriptor cannot say it).
@@ -216,6 +219,15 @@ def _success(b: Binding, schemas: Schemas) -> dict[str, Any]:
         schema = schemas.field(resp.fields_by_name[b.response_body], True)
     else:
         schema = schemas.ref(resp, True)
+    if b.sse:
+        return {
+            "description": (
+                "server-sent events: a `retry:` line, then one event per message: `id:` the event id "
+                f"(its {b.event_id_field}), `data:` the {b.response_body} as one line of JSON (x-event-data; "
+                "an event without data carries the id only); a `: keep-alive` comment after 15 s of "
+                'silence; a failure after the first event is `event: error` with `data: {"code", "message"}`'),
+            "content": {EVENT_STREAM: {"schema": {"type": "string", "x-event-data": schema}}},
+        }
     if b.endpoint.server_streaming:
         line = {
             "type": "object",
@@ -265,6 +277,9 @@ def _operation(b: Binding, schemas: Schemas, path_params: list[dict[str, Any]]) 
         "x-grpc-method": ep.full_name or f"/{ep.service.full_name}/{ep.method.name}",
     }
     params = [*path_params, *_query_params(b)]
+    if b.sse:
+        params.append({"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"},
+                       "description": "resume after this event id (what EventSource sends when it reconnects)"})
     if params:
         op["parameters"] = params
     body = _request_body(b, schemas)

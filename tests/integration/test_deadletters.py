@@ -1,5 +1,6 @@
 """Dead letters over REST and gRPC: a message nacked max_msg_deliveries times lands in the station's
-dead-letter store with its group and delivery count, and is resent; memphis-py's schema refusals too."""
+dead-letter store with its group and delivery count, and is resent; schema refusals (memphis-py's and the
+gateway's own) too."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from memgw.v1 import deadletters_pb2, deadletters_pb2_grpc
 from memphis import Memphis
 from memphis.exceptions import MemphisSchemaError
 
+from gateway.embedded import deadletters
 from tests.harness import ROOT_PASSWORD, ROOT_USER, Clients, bearer
 
 
@@ -145,3 +147,103 @@ async def test_memphis_py_schema_refusal_in_the_dls(gw: Clients, token: str, nat
     assert letter["reason"] == "schema" and letter["message"] == '{"b": 1}' and letter["producer_name"] == "sdk-dl"
     assert "'a' is a required property" in letter["validation_error"]
     await delete(gw, f"/stations/{station}", token)
+
+
+# -- the gateway's own schema refusals ---------------------------------------------------------------
+
+NEEDS_A = json.dumps({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]})
+
+
+async def schema_station(gw: Clients, token: str, **dls: bool) -> str:
+    station, schema = name(), name()
+    assert (await gw.post("/schemas", {"name": schema, "type": "json", "definition": NEEDS_A}, token=token))[0] == 200
+    body: dict[str, Any] = {"name": station, "schema_name": schema}
+    if dls:
+        body["dls"] = dls
+    assert (await gw.post("/stations", body, token=token))[0] == 200
+    return station
+
+
+async def test_gateway_schema_refusal_in_the_dls_rest(gw: Clients, token: str) -> None:
+    station = await schema_station(gw, token)  # dls.schemaverse: on by default, as in Memphis
+    status, body, _ = await gw.post(f"/stations/{station}/produce/single?producer_name=web-form", {"b": 1},
+                                    token=token, headers={"X-Source": "form"})
+    assert status == 400 and "'a' is a required property" in body["error"], body
+    status, body, _ = await gw.post(f"/stations/{station}/produce/batch", [{"a": 1}, {"a": "x"}], token=token)
+    assert status == 400 and body["sent"] == 1 and body["fail"] == 1, body
+    letters = await dead_letters(gw, station, token, 2)
+    # (a batch's elements are stored as compact JSON)
+    assert [(d["reason"], d["message"]) for d in letters] == [("schema", '{"b": 1}'), ("schema", '{"a":"x"}')]
+    first, second = letters
+    assert first["producer_name"] == "web-form" and second["producer_name"] == "rest-gateway"
+    assert "'a' is a required property" in first["validation_error"] and "'x' is not of type" in \
+        second["validation_error"], letters
+    assert first["headers"]["X-Source"] == "form"
+    # resent: back in the station (the store bypasses the schema, as for SDK refusals); dropped
+    status, body, _ = await gw.post(f"/stations/{station}/dls/resend", {"ids": [first["id"]]}, token=token)
+    assert status == 200 and body["resent"] == 1, body
+    status, body, _ = await gw.post(f"/stations/{station}/consume/batch", {
+        "consumer_name": "c", "batch_size": 10, "batch_max_wait_time_ms": 1000}, token=token)
+    assert [m["message"] for m in body] == ['{"a":1}', '{"b": 1}'], body
+    assert await delete(gw, f"/stations/{station}/dls", token) == (200, {"error": None, "success": True})
+    assert await dead_letters(gw, station, token, 0, seconds=0) == []
+    await delete(gw, f"/stations/{station}", token)
+
+
+async def test_gateway_schema_refusal_in_the_dls_grpc(gw: Clients, token: str) -> None:
+    from memgw.v1 import produce_pb2
+
+    md = bearer(await gw.grpc_token())
+    stub = deadletters_pb2_grpc.DeadLetterServiceStub(gw.channel)
+    station = await schema_station(gw, token)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await gw.produce.ProduceSingle(produce_pb2.ProduceSingleRequest(
+            station=station, body={"content_type": "application/json", "data": b'{"z": 2}'},
+            producer_name="grpc-svc"), metadata=md)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    await dead_letters(gw, station, token, 1)
+    [letter] = (await stub.ListDeadLetters(deadletters_pb2.ListDeadLettersRequest(station=station),
+                                           metadata=md)).dead_letters
+    assert (letter.reason, letter.data, letter.producer_name) == ("schema", b'{"z": 2}', "grpc-svc")
+    assert "'a' is a required property" in letter.validation_error
+    reply = await stub.ResendDeadLetters(deadletters_pb2.ResendDeadLettersRequest(station=station, ids=[letter.id]),
+                                         metadata=md)
+    assert reply.resent == 1
+    assert (await stub.ListDeadLetters(deadletters_pb2.ListDeadLettersRequest(station=station),
+                                       metadata=md)).dead_letters == []
+    await delete(gw, f"/stations/{station}", token)
+
+
+async def test_gateway_schema_refusal_not_kept_with_schemaverse_off(gw: Clients, token: str) -> None:
+    md = bearer(await gw.grpc_token())
+    from memgw.v1 import produce_pb2
+
+    station = await schema_station(gw, token, schemaverse=False)
+    status, body, _ = await gw.post(f"/stations/{station}/produce/single", {"b": 1}, token=token)
+    assert status == 400, body
+    with pytest.raises(grpc.aio.AioRpcError):
+        await gw.produce.ProduceSingle(produce_pb2.ProduceSingleRequest(
+            station=station, body={"content_type": "application/json", "data": b'{"z": 2}'}), metadata=md)
+    assert await dead_letters(gw, station, token, 1, seconds=1.0) == []
+    await delete(gw, f"/stations/{station}", token)
+
+
+async def test_the_store_is_bounded_and_a_store_made_before_the_bounds_gets_them(gw: Clients, nats_server) -> None:
+    from tests.conftest import connect_root
+
+    nc = await connect_root(nats_server, name="tests::dls-bounds")
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(deadletters.STREAM)
+        assert (info.config.max_msgs_per_subject, info.config.max_bytes) == (
+            deadletters.MAX_PER_STATION, deadletters.MAX_STORE_BYTES)
+        info.config.max_msgs_per_subject, info.config.max_bytes = -1, -1  # as stores were made before
+        await js.update_stream(info.config)
+        store = deadletters.DeadLetters(gw.gateway.control_plane.catalog, queue="tests-dls")  # type: ignore[union-attr]
+        await store.open(nc)
+        await store.close()
+        info = await js.stream_info(deadletters.STREAM)
+        assert (info.config.max_msgs_per_subject, info.config.max_bytes) == (
+            deadletters.MAX_PER_STATION, deadletters.MAX_STORE_BYTES)
+    finally:
+        await nc.close()

@@ -5,6 +5,9 @@ The SDK needs Memphis's control plane (``$memphis_producer_creations``, ``$memph
 which the gateway answers for its embedded broker. tests/system/node/sdk_roundtrip.js connects with
 ``connectionToken``, produces one message with a header, and fetches what is in the station: the gateway's
 message (produced over REST before) and its own. Then the gateway consumes the SDK's message over REST and gRPC.
+tests/system/node/sdk_dls.js checks schemas and dead letters made through the gateway's API: a JSON schema
+refusing the SDK's bad message (reported to the dead-letter store), and a message the SDK's consumer group never
+acknowledges, given up after max deliveries (a poison message); both listed over REST.
 
 npm installs ``memphis-dev@1.3.2`` into a temporary directory (about 15 s). ``underscore`` is installed
 with it: ``avro-js`` 1.12 (a dependency of memphis-dev, ``^1.11.2``) requires it without declaring it, and
@@ -30,6 +33,7 @@ from tests.harness import JWT_SECRET, bearer, running_gateway
 
 pytestmark = pytest.mark.timeout(240)
 SCRIPT = Path(__file__).parent / "node" / "sdk_roundtrip.js"
+DLS_SCRIPT = Path(__file__).parent / "node" / "sdk_dls.js"
 PACKAGES = ("memphis-dev@1.3.2", "underscore@1.13")
 TOKEN = "Node-conn-t0ken-41ac"
 
@@ -46,9 +50,9 @@ def node_modules(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return where / "node_modules"
 
 
-async def run_node(modules: Path, *args: str) -> dict[str, object]:
+async def run_node(modules: Path, *args: str, script: Path = SCRIPT) -> dict[str, object]:
     env = {**os.environ, "NODE_PATH": str(modules)}
-    proc = await asyncio.create_subprocess_exec(shutil.which("node") or "node", str(SCRIPT), *args, env=env,
+    proc = await asyncio.create_subprocess_exec(shutil.which("node") or "node", str(script), *args, env=env,
                                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         out, err = await asyncio.wait_for(proc.communicate(), 60)
@@ -99,3 +103,43 @@ async def test_node_sdk_with_connection_token_talks_to_the_gateway(node_modules:
         # a wrong token: the SDK's connect is refused by the embedded broker
         refused = await run_node(node_modules, "127.0.0.1", port, "not-" + TOKEN, station)
         assert refused["returncode"] == 1 and "authorization" in str(refused.get("error", "")).lower(), refused
+
+
+async def test_node_sdk_schema_refusal_and_poison_message_in_the_dls(node_modules: Path, tmp_path: Path) -> None:
+    settings = load({"USER_PASS_BASED_AUTH": "false", "CONNECTION_TOKEN": TOKEN},
+                    {"http_port": 0, "grpc_port": 0, "broker_port": 0, "data_dir": tmp_path / "data",
+                     "jwt_secret": JWT_SECRET, "broker_timeout_s": 3.0})
+    station, schema = f"node-dl-{uuid.uuid4().hex[:8]}", f"node-sc-{uuid.uuid4().hex[:8]}"
+    async with running_gateway(settings) as gw:
+        assert gw.gateway.embedded is not None
+        status, body, _ = await gw.post("/auth/authenticate", {"username": "root", "connection_token": TOKEN})
+        assert status == 200, body
+        jwt = body["jwt"]
+        definition = json.dumps({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]})
+        status, body, _ = await gw.post("/schemas", {"name": schema, "type": "json", "definition": definition},
+                                        token=jwt)
+        assert status == 200, body
+        status, body, _ = await gw.post("/stations", {"name": station, "schema_name": schema,
+                                                      "dls": {"poison": True, "schemaverse": True}}, token=jwt)
+        assert status == 200, body
+
+        result = await run_node(node_modules, "127.0.0.1", str(gw.gateway.embedded.port), TOKEN, station,
+                                script=DLS_SCRIPT)
+        assert result["returncode"] == 0, result
+        assert "Schema validation has failed" in str(result["refused"]), result
+        assert result["fetched"] == [['{"a": 1}'], ['{"a": 1}'], []], result  # delivered twice, then given up
+
+        letters: list[dict[str, object]] = []
+        async with asyncio.timeout(10):
+            while len(letters) < 2:
+                status, body, _ = await gw.get(f"/stations/{station}/dls", token=jwt)
+                assert status == 200, body
+                letters = body["dead_letters"]
+                await asyncio.sleep(0.2)
+        by_reason = {d["reason"]: d for d in letters}
+        assert set(by_reason) == {"schema", "poison"}, letters
+        refusal, poison = by_reason["schema"], by_reason["poison"]
+        assert refusal["message"] == '{"b": 1}' and refusal["producer_name"] == "node-producer", refusal
+        assert "required" in str(refusal["validation_error"]), refusal
+        assert poison["message"] == '{"a": 1}' and poison["consumer_group"] == "node-poison", poison
+        assert poison["deliveries"] == 2, poison

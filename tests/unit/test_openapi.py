@@ -131,6 +131,15 @@ def test_contract_operations() -> None:
     stream = ops["ConsumeService_Subscribe"]
     assert set(stream["responses"]["200"]["content"]) == {"application/x-ndjson"}
     assert set(ops["ProduceService_ProduceStream"]["requestBody"]["content"]) == {"application/x-ndjson"}
+    # server-sent events: text/event-stream (never application/json), the event data's schema beside it
+    sse = ops["ConsumeService_ConsumeEvents"]
+    assert sse["_path"] == "/stations/{station}/consume/sse" and sse["_method"] == "get"
+    ok = sse["responses"]["200"]["content"]
+    assert set(ok) == {"text/event-stream"} and ok["text/event-stream"]["schema"]["type"] == "string"
+    assert "ConsumedMessage" in orjson.dumps(ok["text/event-stream"]["schema"]["x-event-data"]).decode()
+    assert "keep-alive" in sse["responses"]["200"]["description"]
+    names = {p["name"]: p["in"] for p in sse["parameters"]}
+    assert names["Last-Event-ID"] == "header" and names["consumerName"] == "query" and names["decode"] == "query"
     status = ops["MonitoringService_Status"]
     assert status["security"] == [] and "requestBody" not in status and "413" not in status["responses"]
     assert "StatusResponse" in orjson.dumps(status["responses"]["503"]).decode()

@@ -22,7 +22,7 @@ ACK_MODE_UNSPECIFIED: AckMode
 ACK_MODE_EXPLICIT: AckMode
 
 class ConsumeBatchRequest(_message.Message):
-    __slots__ = ("station", "consumer_name", "consumer_group", "batch_size", "batch_max_wait_time_ms", "ack_mode", "include_metadata", "max_msg_deliveries", "max_ack_time_ms", "start_consume_from_sequence", "last_messages")
+    __slots__ = ("station", "consumer_name", "consumer_group", "batch_size", "batch_max_wait_time_ms", "ack_mode", "include_metadata", "max_msg_deliveries", "max_ack_time_ms", "start_consume_from_sequence", "last_messages", "decode")
     STATION_FIELD_NUMBER: _ClassVar[int]
     CONSUMER_NAME_FIELD_NUMBER: _ClassVar[int]
     CONSUMER_GROUP_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class ConsumeBatchRequest(_message.Message):
     MAX_ACK_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     START_CONSUME_FROM_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     LAST_MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    DECODE_FIELD_NUMBER: _ClassVar[int]
     station: str
     consumer_name: str
     consumer_group: str
@@ -45,10 +46,11 @@ class ConsumeBatchRequest(_message.Message):
     max_ack_time_ms: int
     start_consume_from_sequence: int
     last_messages: int
-    def __init__(self, station: _Optional[str] = ..., consumer_name: _Optional[str] = ..., consumer_group: _Optional[str] = ..., batch_size: _Optional[int] = ..., batch_max_wait_time_ms: _Optional[int] = ..., ack_mode: _Optional[_Union[AckMode, str]] = ..., include_metadata: _Optional[bool] = ..., max_msg_deliveries: _Optional[int] = ..., max_ack_time_ms: _Optional[int] = ..., start_consume_from_sequence: _Optional[int] = ..., last_messages: _Optional[int] = ...) -> None: ...
+    decode: bool
+    def __init__(self, station: _Optional[str] = ..., consumer_name: _Optional[str] = ..., consumer_group: _Optional[str] = ..., batch_size: _Optional[int] = ..., batch_max_wait_time_ms: _Optional[int] = ..., ack_mode: _Optional[_Union[AckMode, str]] = ..., include_metadata: _Optional[bool] = ..., max_msg_deliveries: _Optional[int] = ..., max_ack_time_ms: _Optional[int] = ..., start_consume_from_sequence: _Optional[int] = ..., last_messages: _Optional[int] = ..., decode: _Optional[bool] = ...) -> None: ...
 
 class ConsumedMessage(_message.Message):
-    __slots__ = ("message", "headers", "ack_id", "sequence", "partition", "timestamp", "deliveries")
+    __slots__ = ("message", "headers", "ack_id", "sequence", "partition", "timestamp", "deliveries", "decoded", "decode_error")
     class HeadersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +65,8 @@ class ConsumedMessage(_message.Message):
     PARTITION_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     DELIVERIES_FIELD_NUMBER: _ClassVar[int]
+    DECODED_FIELD_NUMBER: _ClassVar[int]
+    DECODE_ERROR_FIELD_NUMBER: _ClassVar[int]
     message: bytes
     headers: _containers.ScalarMap[str, str]
     ack_id: str
@@ -70,7 +74,9 @@ class ConsumedMessage(_message.Message):
     partition: int
     timestamp: _timestamp_pb2.Timestamp
     deliveries: int
-    def __init__(self, message: _Optional[bytes] = ..., headers: _Optional[_Mapping[str, str]] = ..., ack_id: _Optional[str] = ..., sequence: _Optional[int] = ..., partition: _Optional[int] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deliveries: _Optional[int] = ...) -> None: ...
+    decoded: _struct_pb2.Value
+    decode_error: str
+    def __init__(self, message: _Optional[bytes] = ..., headers: _Optional[_Mapping[str, str]] = ..., ack_id: _Optional[str] = ..., sequence: _Optional[int] = ..., partition: _Optional[int] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deliveries: _Optional[int] = ..., decoded: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., decode_error: _Optional[str] = ...) -> None: ...
 
 class ConsumeBatchResponse(_message.Message):
     __slots__ = ("messages",)
@@ -99,7 +105,7 @@ class AckResponse(_message.Message):
     def __init__(self, error: _Optional[_Union[_struct_pb2.NullValue, str]] = ..., success: _Optional[bool] = ..., acked: _Optional[int] = ...) -> None: ...
 
 class SubscribeRequest(_message.Message):
-    __slots__ = ("station", "consumer_name", "consumer_group", "ack_mode", "batch_size", "include_metadata", "max_msg_deliveries", "max_ack_time_ms", "start_consume_from_sequence", "last_messages")
+    __slots__ = ("station", "consumer_name", "consumer_group", "ack_mode", "batch_size", "include_metadata", "max_msg_deliveries", "max_ack_time_ms", "start_consume_from_sequence", "last_messages", "decode")
     STATION_FIELD_NUMBER: _ClassVar[int]
     CONSUMER_NAME_FIELD_NUMBER: _ClassVar[int]
     CONSUMER_GROUP_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +116,7 @@ class SubscribeRequest(_message.Message):
     MAX_ACK_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     START_CONSUME_FROM_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     LAST_MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    DECODE_FIELD_NUMBER: _ClassVar[int]
     station: str
     consumer_name: str
     consumer_group: str
@@ -120,7 +127,8 @@ class SubscribeRequest(_message.Message):
     max_ack_time_ms: int
     start_consume_from_sequence: int
     last_messages: int
-    def __init__(self, station: _Optional[str] = ..., consumer_name: _Optional[str] = ..., consumer_group: _Optional[str] = ..., ack_mode: _Optional[_Union[AckMode, str]] = ..., batch_size: _Optional[int] = ..., include_metadata: _Optional[bool] = ..., max_msg_deliveries: _Optional[int] = ..., max_ack_time_ms: _Optional[int] = ..., start_consume_from_sequence: _Optional[int] = ..., last_messages: _Optional[int] = ...) -> None: ...
+    decode: bool
+    def __init__(self, station: _Optional[str] = ..., consumer_name: _Optional[str] = ..., consumer_group: _Optional[str] = ..., ack_mode: _Optional[_Union[AckMode, str]] = ..., batch_size: _Optional[int] = ..., include_metadata: _Optional[bool] = ..., max_msg_deliveries: _Optional[int] = ..., max_ack_time_ms: _Optional[int] = ..., start_consume_from_sequence: _Optional[int] = ..., last_messages: _Optional[int] = ..., decode: _Optional[bool] = ...) -> None: ...
 
 class SubscribeResponse(_message.Message):
     __slots__ = ("messages",)
@@ -129,7 +137,7 @@ class SubscribeResponse(_message.Message):
     def __init__(self, messages: _Optional[_Iterable[_Union[ConsumedMessage, _Mapping]]] = ...) -> None: ...
 
 class ConsumeEventsRequest(_message.Message):
-    __slots__ = ("station", "consumer_name", "consumer_group", "last_event_id", "max_msg_deliveries", "max_ack_time_ms", "start_consume_from_sequence", "last_messages")
+    __slots__ = ("station", "consumer_name", "consumer_group", "last_event_id", "max_msg_deliveries", "max_ack_time_ms", "start_consume_from_sequence", "last_messages", "decode")
     STATION_FIELD_NUMBER: _ClassVar[int]
     CONSUMER_NAME_FIELD_NUMBER: _ClassVar[int]
     CONSUMER_GROUP_FIELD_NUMBER: _ClassVar[int]
@@ -138,6 +146,7 @@ class ConsumeEventsRequest(_message.Message):
     MAX_ACK_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     START_CONSUME_FROM_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     LAST_MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    DECODE_FIELD_NUMBER: _ClassVar[int]
     station: str
     consumer_name: str
     consumer_group: str
@@ -146,7 +155,8 @@ class ConsumeEventsRequest(_message.Message):
     max_ack_time_ms: int
     start_consume_from_sequence: int
     last_messages: int
-    def __init__(self, station: _Optional[str] = ..., consumer_name: _Optional[str] = ..., consumer_group: _Optional[str] = ..., last_event_id: _Optional[str] = ..., max_msg_deliveries: _Optional[int] = ..., max_ack_time_ms: _Optional[int] = ..., start_consume_from_sequence: _Optional[int] = ..., last_messages: _Optional[int] = ...) -> None: ...
+    decode: bool
+    def __init__(self, station: _Optional[str] = ..., consumer_name: _Optional[str] = ..., consumer_group: _Optional[str] = ..., last_event_id: _Optional[str] = ..., max_msg_deliveries: _Optional[int] = ..., max_ack_time_ms: _Optional[int] = ..., start_consume_from_sequence: _Optional[int] = ..., last_messages: _Optional[int] = ..., decode: _Optional[bool] = ...) -> None: ...
 
 class ConsumeEventsResponse(_message.Message):
     __slots__ = ("id", "message")
