@@ -9,6 +9,7 @@ group's carry for the next call.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -39,6 +40,7 @@ MESSAGE_OVERHEAD = 64  # bytes an answer adds per message beyond its data and he
 # form (JSON text or protobuf Value, the larger) passes DECODE_GROWTH times its stored size (plus
 # MESSAGE_OVERHEAD) comes back as stored, with a decode_error: answers stay within the limit.
 DECODE_GROWTH = 8
+DECODE_INLINE_BYTES = 64 * 1024  # payloads decoded on the event loop; more: in a worker thread
 
 
 class Consuming:
@@ -174,7 +176,7 @@ class Consuming:
             for msg in msgs
         ]
         if spec.decode:
-            result = [decoded(session, spec, message) for message in result]
+            result = await decoded_all(session, spec, result)
         if msgs and not explicit:
             await self._send_acks(session, [msg.reply for msg in msgs], ACK)
         return result
@@ -208,17 +210,25 @@ class Consuming:
 def decoded(session: Session, spec: ConsumerSpec, message: InMessage) -> InMessage:
     """``message`` with its payload decoded by the station's schema (``decoded``, ``data`` then empty)
     or, when it does not decode or its decoded form is too large, as stored with ``decode_error``."""
-    value, error, text_size = decode_payload(session.memphis, internal_name(spec.station), message.data)
+    allowed = DECODE_GROWTH * (len(message.data) + MESSAGE_OVERHEAD)
+    if spec.max_bytes:
+        allowed = min(allowed, spec.max_bytes)
+    value, error, text_size = decode_payload(session.memphis, internal_name(spec.station), message.data, allowed)
     if value is not None:
         size = max(text_size, value.ByteSize())
-        allowed = DECODE_GROWTH * (len(message.data) + MESSAGE_OVERHEAD)
-        if spec.max_bytes:
-            allowed = min(allowed, spec.max_bytes)
         if size <= allowed:
             return replace(message, data=b"", decoded=value)
         error = (f"the decoded message is {size} bytes, more than this answer allows for a stored message of "
                  f"{len(message.data)} bytes; decode the message field yourself")
     return replace(message, decode_error=error)
+
+
+async def decoded_all(session: Session, spec: ConsumerSpec, messages: list[InMessage]) -> list[InMessage]:
+    """:func:`decoded` of each message; in a worker thread when they are large (decoding takes about a
+    second per MB of payload: the event loop keeps serving other calls meanwhile)."""
+    if sum(len(message.data) for message in messages) <= DECODE_INLINE_BYTES:
+        return [decoded(session, spec, message) for message in messages]
+    return await asyncio.to_thread(lambda: [decoded(session, spec, message) for message in messages])
 
 
 def position(msg: Any) -> dict[str, Any]:

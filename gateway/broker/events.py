@@ -24,7 +24,7 @@ from typing import Any
 import nats.errors
 import nats.js.errors
 
-from gateway.broker.consume import HIDDEN_HEADERS, Consuming, decoded
+from gateway.broker.consume import HIDDEN_HEADERS, Consuming, decoded_all
 from gateway.broker.sdk import decodable
 from gateway.broker.seam import ConsumerSpec, InMessage
 from gateway.broker.sessions import SessionPool
@@ -64,7 +64,9 @@ async def event_stream(
                 message = await _stored(session.js, stream, seq, partition)
                 if message is not None:
                     cursor[partition] = seq
-                    yield dict(cursor), decoded(session, spec, message) if spec.decode else message
+                    if spec.decode:
+                        message = (await decoded_all(session, spec, [message]))[0]
+                    yield dict(cursor), message
             cursor[partition] = delivered[partition]
     station = spec.station
     while not consuming.draining:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import json
 import ssl
 import time
@@ -164,31 +165,156 @@ def decodable(m: Memphis, key: str, station: str) -> None:
                               "consume without decode")
 
 
-def decode_payload(m: Memphis, key: str, data: bytes) -> tuple[struct_pb2.Value | None, str, int]:
+# A decoded value nests at most this many JSON levels: each is two or three protobuf levels of
+# google.protobuf.Value, and protobuf parsers (gRPC clients') stop at 100.
+DECODE_MAX_DEPTH = 30
+_NUMBER_BOUND = 26  # the longest JSON a number field renders to ("-9223372036854775808" quoted, "-Infinity", ...)
+_WKT_BOUND = 48  # the longest JSON a Timestamp or Duration renders to
+
+
+class _Undecodable(Exception):
+    """Why a message is not decoded (its text is the decode_error)."""
+
+
+class _TooLarge(_Undecodable):
+    """The decoded form would pass the limit (the text says by how much)."""
+
+
+def decode_payload(
+    m: Memphis, key: str, data: bytes, limit: int = 0
+) -> tuple[struct_pb2.Value | None, str, int]:
     """(the payload as a JSON value, why not, the size of its JSON text) by the station's schema.
 
     Protobuf: parsed with the message loaded for producing (``proto_msgs``, :func:`parse_descriptor`),
-    rendered in protobuf's JSON mapping with proto field names; JSON: parsed. Never raises."""
+    rendered in protobuf's JSON mapping with proto field names; JSON: parsed. A decoded form of more
+    than ``limit`` bytes (0: no limit) is not made: a protobuf message's JSON size is bounded from its
+    fields first (a few bytes can name a long enum value or field: the JSON could be a thousand times
+    the payload). At most ``DECODE_MAX_DEPTH`` levels deep. Never raises."""
     schema = m.schema_updates_data.get(key) or {}
     kind = schema.get("type", "")
     template = m.proto_msgs.get(key) if kind == "protobuf" else None
     if kind == "protobuf" and template is None:
         return None, "the station's protobuf schema is not loaded yet", 0
     try:
+        obj: Any
         if template is not None:
             message = type(template)()
             message.ParseFromString(data)
-            text = json_format.MessageToJson(message, preserving_proto_field_name=True, indent=None)
+            if limit:
+                _json_bound(message, limit)
+            obj = json_format.MessageToDict(message, preserving_proto_field_name=True)
         elif kind == "json":
-            text = orjson.dumps(orjson.loads(data)).decode()
+            obj = orjson.loads(data)
         else:
             return None, f"the station has {'a ' + kind + ' schema' if kind else 'no schema'} now", 0
+        size = len(orjson.dumps(obj))
+        if limit and size > limit:
+            raise _TooLarge(f"its JSON is {size} bytes")
         value = struct_pb2.Value()
-        json_format.Parse(text, value, max_recursion_depth=100)
-    except (DecodeError, ValueError, RuntimeError, json_format.ParseError, orjson.JSONDecodeError) as exc:
+        _set_value(value, obj, 0)
+    except _TooLarge as exc:
+        return None, _too_large(str(exc), len(data)), 0
+    except _Undecodable as exc:
+        return None, str(exc), 0
+    except Exception as exc:  # protobuf's and orjson's errors, and json_format's TypeErrors (a message named
+        # google.protobuf.Any, Timestamp... is rendered as that well-known type)
         what = f"protobuf {template.DESCRIPTOR.full_name}" if template is not None else "JSON"
         return None, f"not a {what}: {schema_error(str(exc)) or type(exc).__name__}", 0
-    return value, "", len(text)
+    return value, "", size
+
+
+def _too_large(what: str, stored: int) -> str:
+    return (f"the decoded message is too large ({what}), more than this answer allows for a stored message of "
+            f"{stored} bytes; decode the message field yourself")
+
+
+def _set_value(value: struct_pb2.Value, obj: Any, depth: int) -> None:
+    """``value`` set to the JSON value ``obj`` (what json_format makes, without its JSON text round trip)."""
+    if isinstance(obj, dict):
+        if depth >= DECODE_MAX_DEPTH:
+            raise _Undecodable(f"the decoded message nests deeper than {DECODE_MAX_DEPTH} levels; "
+                               "consume without decode")
+        fields = value.struct_value.fields
+        if not obj:
+            value.struct_value.SetInParent()
+        for k, item in obj.items():
+            _set_value(fields[str(k)], item, depth + 1)
+    elif isinstance(obj, list):
+        if depth >= DECODE_MAX_DEPTH:
+            raise _Undecodable(f"the decoded message nests deeper than {DECODE_MAX_DEPTH} levels; "
+                               "consume without decode")
+        values = value.list_value.values
+        if not obj:
+            value.list_value.SetInParent()
+        for item in obj:
+            _set_value(values.add(), item, depth + 1)
+    elif obj is None:
+        value.null_value = struct_pb2.NULL_VALUE
+    elif isinstance(obj, bool):
+        value.bool_value = obj
+    elif isinstance(obj, int | float):
+        value.number_value = float(obj)
+    else:
+        value.string_value = str(obj)
+
+
+def _json_bound(message: Any, budget: int) -> int:
+    """At least the size of ``message``'s JSON (protobuf's mapping, proto field names);
+    _Undecodable as soon as it passes ``budget``."""
+    name = message.DESCRIPTOR.full_name
+    if name == "google.protobuf.Any":  # its value would be decoded by a type the schema names: not bounded here
+        raise _Undecodable("google.protobuf.Any is not decoded; consume without decode")
+    total = _WKT_BOUND if name.startswith("google.protobuf.") else 2
+    for field, value in message.ListFields():
+        total += len(field.name) + 4
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            entry = field.message_type.fields_by_name
+            key_field, value_field = entry["key"], entry["value"]
+            for k, v in value.items():
+                total += _scalar_bound(key_field, k) + 4
+                total += (_json_bound(v, budget - total) if value_field.message_type is not None
+                          else _scalar_bound(value_field, v))
+                if total > budget:
+                    break
+        elif field.is_repeated:
+            if field.message_type is not None:
+                for item in value:
+                    total += _json_bound(item, budget - total) + 2
+                    if total > budget:
+                        break
+            elif field.type == field.TYPE_STRING:
+                total += 6 * sum(map(len, value)) + 4 * len(value)
+            elif field.type == field.TYPE_BYTES:
+                total += sum(len(v) * 4 // 3 + 6 for v in value)
+            elif field.type == field.TYPE_ENUM:
+                names = _enum_sizes(field.enum_type)
+                total += sum(names.get(v, _NUMBER_BOUND) + 2 for v in value)
+            else:
+                total += len(value) * (_NUMBER_BOUND + 2)
+        elif field.message_type is not None:
+            total += _json_bound(value, budget - total)
+        else:
+            total += _scalar_bound(field, value)
+        if total > budget:
+            raise _TooLarge(f"its JSON is more than {budget} bytes")
+    return total
+
+
+def _scalar_bound(field: Any, value: Any) -> int:
+    """At least the JSON size of a scalar field's value."""
+    if field.type == field.TYPE_STRING:
+        return 6 * len(value) + 2  # a control character is escaped as \\u00XX
+    if field.type == field.TYPE_BYTES:
+        return len(value) * 4 // 3 + 6  # base64
+    if field.type == field.TYPE_ENUM:
+        return _enum_sizes(field.enum_type).get(value, _NUMBER_BOUND)
+    return _NUMBER_BOUND
+
+
+@functools.lru_cache(maxsize=256)
+def _enum_sizes(enum: Any) -> dict[int, int]:
+    """The JSON size of each value of ``enum`` (its name quoted; an unknown number renders as digits)."""
+    return {v.number: len(v.name) + 2 for v in enum.values}
 
 
 SCHEMAVERSE_DLS = "$memphis_schemaverse_dls"

@@ -60,3 +60,35 @@ def test_a_decoded_form_too_large_comes_back_as_stored(monkeypatch: pytest.Monke
     limited = decoded(session, ConsumerSpec(station="st", consumer_name="c", group="g", decode=True, max_bytes=20),
                       InMessage(data=b'{"a": "0123456789012345678901"}', headers={}))
     assert limited.decoded is None and limited.decode_error
+
+
+def test_a_decoded_form_past_the_limit_is_refused_before_it_is_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    # google.protobuf.Struct's map of Values: a long key repeated in many small entries
+    struct = struct_pb2.Struct()
+    for i in range(200):
+        struct.fields[f"{i:04d}" + "k" * 500].null_value = struct_pb2.NULL_VALUE
+    data = struct.SerializeToString()
+    m = memphis("protobuf", struct_pb2.Struct())
+    built: list[int] = []
+    real = json_format.MessageToDict
+    monkeypatch.setattr(json_format, "MessageToDict", lambda *a, **k: built.append(1) or real(*a, **k))
+    value, error, _ = decode_payload(m, "st", data, len(data) // 2)
+    assert value is None and "too large" in error and not built
+    value, error, size = decode_payload(m, "st", data, 8 * len(data))
+    assert value is not None and error == "" and built and size > 0
+
+
+async def test_large_batches_are_decoded_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    session: Any = SimpleNamespace(memphis=memphis("json"))
+    spec = ConsumerSpec(station="st", consumer_name="c", group="g", decode=True)
+    threads: list[str] = []
+    real = consume.decoded
+    monkeypatch.setattr(consume, "decoded",
+                        lambda *a: threads.append(threading.current_thread().name) or real(*a))
+    small = [InMessage(data=b'{"a": 1}', headers={})]
+    large = [InMessage(data=b"[" + b"1," * consume.DECODE_INLINE_BYTES + b"1]", headers={})]
+    assert (await consume.decoded_all(session, spec, small))[0].decoded is not None
+    assert (await consume.decoded_all(session, spec, large))[0].decoded is not None
+    assert threads[0] == threading.current_thread().name and threads[1] != threads[0]
