@@ -100,6 +100,24 @@ def _kind(key: str) -> int:
     return _KEEP
 
 
+def storable(name: str, value: str) -> bool:
+    """Whether a header reported by a peer (a dead letter's original headers, read from a refusal report
+    any client may publish) may be stored as it is: a token name that is no broker header (Nats-*,
+    Status, Description: they control JetStream) and a value without CR, LF or NUL (they would add
+    header lines of their own)."""
+    lower = name.lower()
+    return (bool(_TOKEN.fullmatch(name)) and not lower.startswith("nats-") and lower not in BROKER_RESERVED
+            and _BAD_VALUE_CHARS.isdisjoint(value))
+
+
+def one_line(value: str) -> str:
+    """``value`` fit for a header we set ourselves: CR, LF and NUL as spaces."""
+    return value.translate(_ONE_LINE) if not _BAD_VALUE_CHARS.isdisjoint(value) else value
+
+
+_ONE_LINE = str.maketrans("\r\n\0", "   ")
+
+
 def check_value(name: str, value: str) -> str:
     """``value`` if a header (or key) may hold it, else InvalidArgument."""
     if not _BAD_VALUE_CHARS.isdisjoint(value):

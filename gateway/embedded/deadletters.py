@@ -32,6 +32,7 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import NotFoundError
 
 from gateway.core.errors import NotFound, Unavailable
+from gateway.core.headers import one_line, storable
 from gateway.core.names import internal_name, produce_subject
 from gateway.embedded.catalog import Catalog
 from gateway.embedded.records import broker_errors
@@ -120,7 +121,7 @@ class DeadLetters:
             if info is None or not info.spec.poison_to_dls:
                 return
             original = await self._js.get_msg(stream, seq)
-            headers = {k: v for k, v in (original.headers or {}).items() if not k.startswith(H)}
+            headers = {k: v for k, v in (original.headers or {}).items() if not k.lower().startswith(H.lower())}
             await self._store(info.name, original.data or b"", headers, {
                 "Reason": "poison", "Group": durable, "Deliveries": str(deliveries),
                 "Partition": partition, "Sequence": str(seq)})
@@ -136,11 +137,11 @@ class DeadLetters:
                 return
             message = event.get("message") or {}
             data = bytes.fromhex(str(message.get("data", "")))
-            headers = {str(k): str(v) for k, v in (message.get("headers") or {}).items()}
+            headers = _reported_headers(message.get("headers"))
             producer = (event.get("producer") or {}).get("name", "")
             await self._store(info.name, data, headers, {
-                "Reason": "schema", "Error": str(event.get("validation_error", ""))[:1000],
-                "Producer": str(producer)})
+                "Reason": "schema", "Error": one_line(str(event.get("validation_error", ""))[:1000]),
+                "Producer": one_line(str(producer)[:200])})
         except Exception as err:
             log.warning("dead letter from %s not stored: %s", msg.subject, err)
 
@@ -200,6 +201,15 @@ class DeadLetters:
         subject = _subject(await self._station(station))
         with broker_errors():
             await self._js.purge_stream(STREAM, subject=subject)
+
+
+def _reported_headers(reported: object) -> dict[str, str]:
+    """A refusal report's headers that may be stored: any client may publish a report, so none that
+    would pose as the store's own (``Memgw-Dls-*``) or the broker's, or add header lines of its own."""
+    if not isinstance(reported, dict):
+        return {}
+    headers = {str(k): str(v) for k, v in reported.items()}
+    return {k: v for k, v in headers.items() if storable(k, v) and not k.lower().startswith(H.lower())}
 
 
 def _letter(raw: api.RawStreamMsg) -> DeadLetter:

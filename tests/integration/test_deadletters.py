@@ -247,3 +247,43 @@ async def test_the_store_is_bounded_and_a_store_made_before_the_bounds_gets_them
             deadletters.MAX_PER_STATION, deadletters.MAX_STORE_BYTES)
     finally:
         await nc.close()
+
+
+async def test_a_refusal_report_can_not_pose_as_the_store_or_add_header_lines(gw: Clients, token: str,
+                                                                             nats_server) -> None:
+    """Any client may publish on $memphis_schemaverse_dls (memphis-py does): what it reports is stored as data,
+    never as the store's own Memgw-Dls-* fields, broker headers or extra header lines."""
+    import nats
+
+    station = await schema_station(gw, token)
+    # a REST producer's own header named like the store's
+    status, body, _ = await gw.post(f"/stations/{station}/produce/single", {"b": 1}, token=token,
+                                    headers={"Memgw-Dls-Partition": "5", "memgw-dls-group": "spoof", "X-Ok": "1"})
+    assert status == 400, body
+    nc = await nats.connect(nats_server.url, user=ROOT_USER, password=ROOT_PASSWORD)
+    try:
+        await nc.publish(deadletters.SCHEMAVERSE_DLS, json.dumps({
+            "station_name": station,
+            "producer": {"name": "p\r\nMemgw-Dls-Group: spoof", "connection_id": "x"},
+            "message": {"data": b"raw".hex(), "headers": {
+                "X-Ok": "2", "Memgw-Dls-Sequence": "99", "Nats-Msg-Id": "dup", "Nats-Expected-Stream": "other",
+                "X-Inj": "a\r\nMemgw-Dls-Deliveries: 9", "Bad Name": "v", "Status": "503"}},
+            "validation_error": "bad\r\nMemgw-Dls-Partition: 3\r\n\r\n"}).encode())
+        await nc.flush()
+    finally:
+        await nc.close()
+    letters = await dead_letters(gw, station, token, 2)
+    assert len(letters) == 2, letters
+    for letter, ok in zip(letters, ("1", "2"), strict=True):
+        assert letter["reason"] == "schema" and letter["headers"]["X-Ok"] == ok, letter
+        assert not [k for k in letter["headers"] if k.lower().startswith(("memgw-dls-", "nats-"))], letter
+        assert not letter.get("consumer_group") and not letter.get("partition") and not letter.get("sequence")
+        assert not letter.get("deliveries"), letter
+    assert letters[1]["headers"] == {"X-Ok": "2"}
+    assert letters[1]["message"] == "raw" and letters[1]["producer_name"] == "p  Memgw-Dls-Group: spoof"
+    assert letters[1]["validation_error"].startswith("bad  Memgw-Dls-Partition: 3")
+    listed = await deadletters_pb2_grpc.DeadLetterServiceStub(gw.channel).ListDeadLetters(
+        deadletters_pb2.ListDeadLettersRequest(station=station), metadata=bearer(await gw.grpc_token()))
+    got = [(d.partition, d.consumer_group, d.headers["X-Ok"]) for d in listed.dead_letters]
+    assert got == [(0, "", "1"), (0, "", "2")]
+    await delete(gw, f"/stations/{station}", token)
