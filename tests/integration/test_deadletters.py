@@ -287,3 +287,15 @@ async def test_a_refusal_report_can_not_pose_as_the_store_or_add_header_lines(gw
     got = [(d.partition, d.consumer_group, d.headers["X-Ok"]) for d in listed.dead_letters]
     assert got == [(0, "", "1"), (0, "", "2")]
     await delete(gw, f"/stations/{station}", token)
+
+
+async def test_a_batch_of_refused_messages_is_answered_promptly_and_stored_bounded(gw: Clients, token: str) -> None:
+    station = await schema_station(gw, token)
+    start = asyncio.get_running_loop().time()
+    status, body, _ = await gw.post(f"/stations/{station}/produce/batch", [{"b": i} for i in range(1000)], token=token)
+    took = asyncio.get_running_loop().time() - start
+    assert status == 400 and body["fail"] == 1000 and body["sent"] == 0, body
+    assert took < 3, f"1000 refusals took {took:.1f} s"
+    letters = await dead_letters(gw, station, token, 1000, seconds=10)
+    assert len(letters) == 1000 and all(d["reason"] == "schema" for d in letters)
+    await delete(gw, f"/stations/{station}", token)
