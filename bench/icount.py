@@ -4,6 +4,8 @@
     python bench/icount.py --requests 5000 --variant info= --variant "warn=--log-level WARNING"
     python bench/icount.py --variant "old=@/path/to/other/checkout" --variant new=   # two builds
     python bench/icount.py --baseline --variant gw=          # baseline B first: the gateway's cost as a ratio of B's
+    python bench/icount.py --variant jwt= --variant key=+key --variant "limits=--rate-limit-rps 1000000" \
+        --variant "no headers=+noheaders"                    # what each security feature costs a request
 
 On a shared machine req/s moves by +-30% from one run to the next; the number of instructions the
 gateway executes per request does not. Each variant starts a gateway under ``valgrind
@@ -16,7 +18,9 @@ misses are not counted (a per-call access line through ``logging`` cost 66k inst
 about 40 us in the running gateway); use it to compare variants, and bench/run.py for the time.
 
 A variant is ``NAME=EXTRA FLAGS[@CHECKOUT]``: flags appended to ``gateway serve``, and the checkout
-whose ``gateway`` package runs (default: this one). Needs valgrind (apt-get install -y valgrind);
+whose ``gateway`` package runs (default: this one). Two pseudo-flags are this script's: ``+key``
+sends an API key (created through the API) instead of the JWT, ``+noheaders`` leaves out the mapped
+header (so the header checks and encoding are not run). Needs valgrind (apt-get install -y valgrind);
 ~1 min per variant.
 """
 
@@ -42,11 +46,14 @@ if __package__ in (None, ""):
 from bench.common import HOST, ROOT, free_port, payload
 
 
-async def send(port: int, jwt: str, n: int, conns: int = 20, station: str = "icount") -> None:
-    """Exactly ``n`` POST produce/single over ``conns`` keep-alive connections; each must answer 200."""
+async def send(port: int, jwt: str, n: int, conns: int = 20, station: str = "icount", headers: bool = True) -> None:
+    """Exactly ``n`` POST produce/single over ``conns`` keep-alive connections; each must answer 200.
+
+    ``jwt`` is the Authorization credential (a JWT or an API key); ``headers``: with the mapped header."""
     body = payload()
+    mapped = "X-Bench-Trace: 4bf92f3577b34da6\r\n" if headers else ""
     request = (f"POST /stations/{station}/produce/single HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
-               f"Content-Type: application/json\r\nAuthorization: Bearer {jwt}\r\nX-Bench-Trace: 4bf92f3577b34da6\r\n"
+               f"Content-Type: application/json\r\nAuthorization: Bearer {jwt}\r\n{mapped}"
                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
     left = [n]
 
@@ -73,6 +80,9 @@ async def send(port: int, jwt: str, n: int, conns: int = 20, station: str = "ico
 async def count(broker_url: str, work: Path, name: str, extra: list[str], checkout: Path, n: int) -> int:
     import aiohttp
 
+    # pseudo-flags of this script, not the gateway's: +key (an API key instead of the JWT), +noheaders
+    use_key, with_headers = "+key" in extra, "+noheaders" not in extra
+    extra = [f for f in extra if f not in ("+key", "+noheaders")]
     http_port, grpc_port = free_port(), free_port()
     out = work / f"callgrind-{name}.%p"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(checkout), str(checkout / "generated")]))
@@ -95,9 +105,14 @@ async def count(broker_url: str, work: Path, name: str, extra: list[str], checko
                         if resp.status == 200:
                             jwt = (await resp.json())["jwt"]
                 await asyncio.sleep(0.3)
-        await send(http_port, jwt, 300)  # warm-up: the station exists, caches and pools are filled
+            if use_key:
+                async with http.post(f"http://{HOST}:{http_port}/api-keys", headers={"Authorization": f"Bearer {jwt}"},
+                                     json={"name": "icount", "stations": ["icount"], "actions": ["produce"]}) as resp:
+                    assert resp.status == 200, await resp.text()
+                    jwt = (await resp.json())["key"]
+        await send(http_port, jwt, 300, headers=with_headers)  # warm-up: the station exists, caches and pools are filled
         await asyncio.to_thread(_instrument, proc.pid, "on")
-        await send(http_port, jwt, n)
+        await send(http_port, jwt, n, headers=with_headers)
         await asyncio.sleep(0.6)  # the access log's flusher formats what the calls left (every 0.2 s)
         await asyncio.to_thread(_instrument, proc.pid, "off")
     finally:

@@ -71,6 +71,7 @@ producer creation                      produce to the station (it may create it)
 consumer creation (and its durable)    consume from the station (it may create it)
 producer / consumer destruction        nothing (no state is changed)
 schema creation, attachment, detachment  manage
+schema refusal report (dead letter)    produce to the station it names
 =====================================  =============================================
 
 A refusal answers in the request's error format: "<who> may not <action> station <name>".
@@ -168,7 +169,7 @@ class ControlPlane:
         requests that reach ``requests_nc`` (default ``nc``; the ``CONTROL_USER`` connection when verified)."""
         await self.catalog.open(nc)
         listen = requests_nc or nc
-        await self.dead_letters.open(nc)
+        await self.dead_letters.open(nc, listen, self._may_report)
         for subject in self._routes:
             self._subs.append(await listen.subscribe(subject, queue=self.queue, cb=self._on_request))
         await listen.flush()
@@ -238,6 +239,16 @@ class ControlPlane:
         if self.rights is None:
             return Requester(username, None)
         return Requester(username, self.rights(username))
+
+    def _may_report(self, msg: Msg, station: str) -> bool:
+        """A schema refusal reported for ``station`` is stored only if its sender may produce to it
+        (else any user could fill another station's dead letters)."""
+        try:
+            self._requester(msg, {}).check(PRODUCE, station.lower())
+        except GatewayError as err:
+            log.info("schema refusal for station %s not stored: %s", station, err.message)
+            return False
+        return True
 
     # Handlers: each returns the success reply or raises a GatewayError.
 

@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from nats.aio.client import Client
@@ -77,6 +78,7 @@ class DeadLetters:
         self._replicas = replicas
         self._nc: Client | None = None
         self._subs: list[Subscription] = []
+        self._may_report: Callable[[Msg, str], bool] = lambda _msg, _station: True
 
     @property
     def _js(self) -> JetStreamContext:
@@ -84,8 +86,14 @@ class DeadLetters:
             raise Unavailable("control plane not started")
         return self._nc.jetstream()
 
-    async def open(self, nc: Client) -> None:
+    async def open(self, nc: Client, reports: Client | None = None,
+                   may_report: Callable[[Msg, str], bool] | None = None) -> None:
+        """Open the store on ``nc``; schema refusals are heard on ``reports`` (default ``nc``: with the
+        embedded broker the control plane's own connection, which the reports reach through a service
+        import naming their sender) and stored only if ``may_report(msg, station)``."""
         self._nc = nc
+        if may_report is not None:
+            self._may_report = may_report
         with broker_errors():
             config = api.StreamConfig(name=STREAM, subjects=[f"{STREAM}.>"], max_age=MAX_AGE_S,
                                       max_msgs_per_subject=MAX_PER_STATION, max_bytes=MAX_STORE_BYTES,
@@ -100,8 +108,9 @@ class DeadLetters:
                     info.config.max_msgs_per_subject, info.config.max_bytes = MAX_PER_STATION, MAX_STORE_BYTES
                     await self._js.update_stream(info.config)
             self._subs = [await nc.subscribe(ADVISORY, queue=self._queue, cb=self._on_advisory),
-                          await nc.subscribe(SCHEMAVERSE_DLS, queue=self._queue, cb=self._on_schema_refusal,
-                                             pending_bytes_limit=MAX_PENDING_BYTES)]
+                          await (reports or nc).subscribe(SCHEMAVERSE_DLS, queue=self._queue,
+                                                          cb=self._on_schema_refusal,
+                                                          pending_bytes_limit=MAX_PENDING_BYTES)]
 
     async def close(self) -> None:
         subs, self._subs = self._subs, []
@@ -133,7 +142,7 @@ class DeadLetters:
             event = json.loads(msg.data)
             station = str(event["station_name"])
             info = await self._catalog.station_info(station)
-            if info is None or not info.spec.schemaverse_to_dls:
+            if info is None or not info.spec.schemaverse_to_dls or not self._may_report(msg, info.name):
                 return
             message = event.get("message") or {}
             data = bytes.fromhex(str(message.get("data", "")))

@@ -15,7 +15,9 @@ With ``control_password`` set, the configuration also has the control plane's ac
 (``CONTROL_ACCOUNT``, user ``CONTROL_USER``) exporting the ``$memphis_*`` request subjects as
 services, imported by the Memphis account with ``share: true``: nats-server then names the
 sender of each request in its ``Nats-Request-Info`` header, so the control plane acts with the
-requester's rights (``gateway.embedded.controlplane``, "Who asks").
+requester's rights (``gateway.embedded.controlplane``, "Who asks"). The SDKs' schema-refusal
+reports (``$memphis_schemaverse_dls``) take the same way: one is stored as a dead letter only if
+its sender may produce to the station it names.
 
 Usage::
 
@@ -56,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.embedded.controlplane import CONTROL_ACCOUNT, CONTROL_USER, REQUEST_SUBJECTS
+from gateway.embedded.deadletters import SCHEMAVERSE_DLS
 
 __all__ = ["AccountLimits", "BrokerError", "ClusterSettings", "EmbeddedBroker", "find_nats_server"]
 
@@ -200,13 +203,14 @@ class EmbeddedBroker:
             },
         }
         if self.control_password:
+            # the requests, and the schema refusals the SDKs report (stored only for their sender's stations)
+            services = (*REQUEST_SUBJECTS, SCHEMAVERSE_DLS)
             conf["accounts"]["MEMPHIS"]["imports"] = [
-                {"service": {"account": CONTROL_ACCOUNT, "subject": subject}, "share": True}
-                for subject in REQUEST_SUBJECTS
+                {"service": {"account": CONTROL_ACCOUNT, "subject": subject}, "share": True} for subject in services
             ]
             conf["accounts"][CONTROL_ACCOUNT] = {
                 "users": [{"user": CONTROL_USER, "password": self.control_password}],
-                "exports": [{"service": subject} for subject in REQUEST_SUBJECTS],
+                "exports": [{"service": subject} for subject in services],
             }
         if self.connection_token:
             del conf["accounts"]

@@ -8,6 +8,7 @@ sender, whatever the request claims.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -217,3 +218,41 @@ async def test_external_broker_without_the_control_account(tmp_path: Path) -> No
                 await close(root)
     finally:
         await broker.stop()
+
+
+async def test_a_schema_refusal_report_is_stored_only_for_its_senders_stations(gw: Clients) -> None:
+    """Any SDK connection may publish on $memphis_schemaverse_dls (memphis-py reports its refusals
+    there); a report naming a station its sender may not produce to is not stored, over REST or gRPC."""
+    from memgw.v1 import deadletters_pb2, deadletters_pb2_grpc
+
+    from gateway.embedded.deadletters import SCHEMAVERSE_DLS
+    from tests.harness import bearer
+
+    tag = uuid.uuid4().hex[:6]
+    own, other, mallory = f"own-{tag}", f"other-{tag}", f"mallory-{tag}"
+    root = await gw.rest_token()
+    for station in (own, other):
+        status, body, _ = await gw.post("/stations", {"name": station}, token=root)
+        assert status == 200, body
+    await make_user(gw, mallory, [own])
+    nc = await nats.connect(gw.gateway.ports.broker_url, user=f"{mallory}$1", password=PASSWORD)  # type: ignore[union-attr]
+    try:
+        for station, text in ((other, "forged"), (own, "honest")):
+            await nc.publish(SCHEMAVERSE_DLS, json.dumps({
+                "station_name": station, "producer": {"name": "p", "connection_id": "c"},
+                "message": {"data": text.encode().hex(), "headers": {}}, "validation_error": text}).encode())
+        await nc.flush()
+    finally:
+        await nc.close()
+    md = bearer(await gw.grpc_token())
+    stub = deadletters_pb2_grpc.DeadLetterServiceStub(gw.channel)
+    for _ in range(50):  # the honest report is stored asynchronously; the forged one was sent first
+        listed = await stub.ListDeadLetters(deadletters_pb2.ListDeadLettersRequest(station=own), metadata=md)
+        if listed.dead_letters:
+            break
+        await asyncio.sleep(0.1)
+    assert [d.data for d in listed.dead_letters] == [b"honest"]
+    status, body, _ = await gw.get(f"/stations/{other}/dls", token=root)
+    assert status == 200 and body["dead_letters"] == [], body
+    forged = await stub.ListDeadLetters(deadletters_pb2.ListDeadLettersRequest(station=other), metadata=md)
+    assert not forged.dead_letters
