@@ -205,7 +205,10 @@ async def amain(a: argparse.Namespace) -> int:
                   f"{time.monotonic() - t0:.0f} s)", file=sys.stderr, flush=True)
     finally:
         await broker.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        if a.keep:
+            print(f"callgrind files kept in {work} (callgrind_annotate <file>)", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     base = results[0][1] / a.requests if results else 0
     print(f"\ninstructions per REST produce/single request (callgrind, all threads, {a.requests} requests):")
     for name, total in results:
@@ -219,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--requests", type=int, default=2000, help="requests counted per variant (default 2000)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS[@CHECKOUT]",
                    help="a gateway to count (repeatable); default: INFO (no flag) and --log-level WARNING")
+    p.add_argument("--keep", action="store_true", help="keep the callgrind files (for callgrind_annotate)")
     p.add_argument("--baseline", action="store_true",
                    help="count baseline B first (the minimal aiohttp handler); ratios are then against it")
     a = p.parse_args(argv)
