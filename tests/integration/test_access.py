@@ -253,3 +253,36 @@ async def test_keys_and_users_survive_a_restart(tmp_path) -> None:
         frank = await login(gw, "frank5")  # the broker's configuration was rebuilt from KV
         assert (await produce(gw, "kept", frank))[0] == 200
         assert (await produce(gw, "other", frank))[0] == 403
+
+
+async def test_a_consume_only_user_decodes_with_the_current_schema_version(gw: Clients) -> None:
+    """A user who only consumes has a connection of its own, on which nothing produces: a new version
+    of the station's protobuf schema must still be the one its decoding uses (REST and gRPC)."""
+    from tests.integration.test_schemas import ORDER_PROTO
+
+    root = await gw.rest_token()
+    tag = uuid.uuid4().hex[:6]
+    schema, station = f"dsc-{tag}", f"dst-{tag}"
+    assert (await gw.post("/schemas", {"name": schema, "type": "protobuf", "definition": ORDER_PROTO},
+                          token=root))[0] == 200
+    assert (await gw.post("/stations", {"name": station, "schema_name": schema}, token=root))[0] == 200
+    reader = await make_user(gw, root, f"reader-{tag}", [], [station])
+    ask = {"consumer_name": "r", "consumer_group": "r", "batch_size": 10, "batch_max_wait_time_ms": 200,
+           "decode": True}
+    status, body, _ = await gw.post(f"/stations/{station}/consume/batch", ask, token=reader)
+    assert status == 200 and body == [], body  # the group exists: the reader's connection loaded version 1
+    v2 = ORDER_PROTO.replace("repeated string tags = 3;", "repeated string tags = 3;\n  string note = 4;")
+    status, body, _ = await gw.post("/schemas", {"name": schema, "type": "protobuf", "definition": v2}, token=root)
+    assert status == 200 and body["schema"]["active_version"]["version_number"] == 2, body
+    await asyncio.sleep(0.5)  # the new version is pushed to every connection using the station
+    for n in (1, 2):
+        status, body, _ = await gw.post(f"/stations/{station}/produce/single", {"id": n, "note": f"v2-{n}"},
+                                        token=root)
+        assert status == 200, body  # root's producer converted the JSON with version 2 (note is field 4)
+    status, body, _ = await gw.post(f"/stations/{station}/consume/batch", {**ask, "batch_size": 1}, token=reader)
+    assert status == 200 and [m.get("decoded") for m in body] == [{"id": "1", "note": "v2-1"}], body
+    reply = await gw.consume.ConsumeBatch(consume_pb2.ConsumeBatchRequest(
+        station=station, consumer_name="r", consumer_group="r", batch_size=1, batch_max_wait_time_ms=1000,
+        decode=True), metadata=bearer(await login(gw, f"reader-{tag}")))
+    from google.protobuf import json_format
+    assert [json_format.MessageToDict(m.decoded) for m in reply.messages] == [{"id": "2", "note": "v2-2"}]
