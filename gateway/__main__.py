@@ -13,7 +13,6 @@ import sys
 
 from gateway import logs, workers
 from gateway import settings as config
-from gateway.app import Gateway
 
 log = logging.getLogger("gateway")
 
@@ -35,6 +34,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def serve(settings: config.Settings) -> int:
+    from gateway.app import Gateway  # here: a --workers supervisor never serves, and is lighter without it
+
     gateway = Gateway(settings)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()

@@ -19,8 +19,7 @@ from typing import Any
 from nats.aio.client import Client as NatsClient
 
 from gateway.auth.directory import UserRecord
-from gateway.broker.natsutil import parse_servers, tls_context, tls_failure
-from gateway.broker.sessions import RECONNECT_WAIT_S
+from gateway.broker.natsutil import RECONNECT_WAIT_S, parse_servers, tls_context, tls_failure
 from gateway.core.keys import derive_key
 from gateway.embedded.permissions import user_permissions
 from gateway.embedded.server import AccountLimits, EmbeddedBroker

@@ -19,6 +19,7 @@ from gateway.core.identity import Credentials
 
 T = TypeVar("T")
 RETRY_AFTER_S = 1.0
+RECONNECT_WAIT_S = 0.5  # between reconnect attempts to one server: the recovery delay after a restart
 DOWN_SHORT = "the connection to the broker is lost and being re-established"
 DOWN = f"broker unavailable: {DOWN_SHORT}; retry shortly"
 

@@ -34,6 +34,7 @@ from memphis.exceptions import MemphisError
 from gateway.broker.natsutil import (
     DOWN,
     DOWN_SHORT,
+    RECONNECT_WAIT_S,
     RETRY_AFTER_S,
     check_token,
     parse_servers,
@@ -58,7 +59,6 @@ __all__ = [
     "SessionPool",
 ]
 
-RECONNECT_WAIT_S = 0.5  # between reconnect attempts to one server: the recovery delay after a restart
 SDK_UPDATES = "$memphis_sdk_clients_updates"  # where the control plane announces a removed station
 BROKER_UNAVAILABLE = "broker unavailable; retry shortly"  # what a caller hears (the log has the addresses)
 
