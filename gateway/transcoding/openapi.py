@@ -16,8 +16,8 @@ transcoder serves (``build_bindings``), so the description cannot drift from the
   client-streaming methods take ``application/x-ndjson`` (the schema is one line's);
 - responses: 200 with the response message or its ``response_body`` field
   (``application/x-ndjson`` lines ``{"result": ...}`` for server streaming; ``text/event-stream``
-  for ``STREAM_FORMAT_SSE``, its events' data schema as ``x-event-data``, with the ``Last-Event-ID``
-  request header as a parameter), and the errors in
+  for ``STREAM_FORMAT_SSE``: one event's fields as the schema, its data's as ``contentSchema``, with
+  the ``Last-Event-ID`` request header as a parameter), and the errors in
   the method's ``error_body`` shape: ``{"message"}``, ``{"error", "success"}`` or
   ``{"code", "message"}`` (every 401 is ``{"message": "Unauthorized"}``);
 - security: a bearer JWT in ``Authorization`` or the ``authorization`` query parameter; public
@@ -223,10 +223,20 @@ def _success(b: Binding, schemas: Schemas) -> dict[str, Any]:
         return {
             "description": (
                 "server-sent events: a `retry:` line, then one event per message: `id:` the event id "
-                f"(its {b.event_id_field}), `data:` the {b.response_body} as one line of JSON (x-event-data; "
+                f"(its {b.event_id_field}), `data:` the {b.response_body} as one line of JSON (contentSchema; "
                 "an event without data carries the id only); a `: keep-alive` comment after 15 s of "
                 'silence; a failure after the first event is `event: error` with `data: {"code", "message"}`'),
-            "content": {EVENT_STREAM: {"schema": {"type": "string", "x-event-data": schema}}},
+            # one event, as OpenAPI 3.2 describes text/event-stream (its itemSchema; 3.1 tools read it here)
+            "content": {EVENT_STREAM: {"schema": {
+                "type": "object",
+                "properties": {
+                    "data": {"type": "string", "contentMediaType": "application/json",
+                             "contentSchema": {"anyOf": [schema, _STATUS]}},
+                    "event": {"type": "string", "enum": ["message", "error"]},
+                    "id": {"type": "string"},
+                    "retry": {"type": "integer", "minimum": 0},
+                },
+            }}},
         }
     if b.endpoint.server_streaming:
         line = {

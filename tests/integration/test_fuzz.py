@@ -406,6 +406,7 @@ def run_schemathesis(doc: dict[str, Any], base: str, token: str, tally: Tally,
     return labels
 
 
+@pytest.mark.timeout(240)  # ~2,700 cases over 32 operations: about a minute on a quiet machine
 async def test_schemathesis_against_openapi_json(fz: Clients, token: str, error_log: ErrorLog) -> None:
     async with aiohttp.ClientSession() as http, http.get(fz.base + OPENAPI_PATH) as resp:
         assert resp.status == 200

@@ -42,9 +42,13 @@ def test_exposition_matches_prometheus_client() -> None:
         ours.observe(cast(Endpoint, cast(Any, SimpleNamespace(full_name=method))), code, seconds)
         calls.labels(method, code).inc()
         latency.labels(method).observe(seconds)
-    got = {k: v for k, v in samples(generate_latest(ours.registry)).items() if "broker_up" not in k[0]}
+    exposed = samples(generate_latest(ours.registry))
+    got = {k: v for k, v in exposed.items() if k[0].startswith("memphis_gateway_call")}
     want = samples(generate_latest(reference))
     assert got == want
+    # beside the calls: the broker gauge, and prometheus_client's process and GC collectors
+    assert {k[0] for k in exposed} - set(got) >= {"memphis_gateway_broker_up", "process_cpu_seconds_total",
+                                                  "process_resident_memory_bytes", "python_gc_collections_total"}
     single = (("method", "/memgw.v1.ProduceService/ProduceSingle"),)
     assert got[("memphis_gateway_call_seconds_bucket", (("le", "0.001"), *single))] == 2  # 0.001 is "le"
     assert got[("memphis_gateway_call_seconds_count", single)] == 4
