@@ -109,8 +109,12 @@ async def test_logins_of_one_user_open_bounded_broker_connections(api: Api, gw: 
         status, _, _ = await api.post("/auth/authenticate",
                                       json_body={"username": f"root${n}", "password": ROOT_PASSWORD})
         statuses[status] = statuses.get(status, 0) + 1
-    await asyncio.sleep(0.5)
     after = gw.tcp(remote_port=port)
+    for _ in range(50):  # connections the logins probed with may still be closing on a loaded machine
+        if after - before <= SESSIONS_BOUND:
+            break
+        await asyncio.sleep(0.1)
+        after = gw.tcp(remote_port=port)
     figure("user-variants-sessions", f"100 logins as root$100..root$199: answers {statuses}, broker connections "
            f"{before} -> {after}", before=before, after=after, answers=statuses)
     assert after - before <= SESSIONS_BOUND
