@@ -25,15 +25,17 @@ class Credentials:
     account_id: int
     password: str = field(default="", repr=False)
     connection_token: str = field(default="", repr=False)
+    # The broker user this is: ``<user>$<account id>`` as memphis-py names it on the wire, or for a
+    # connection token (the broker knows the token, not the name sent with it) a digest of the
+    # token. Made once: every call asks (limits, session pool) and credentials outlive calls.
+    identity: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def identity(self) -> str:
-        """The broker user this is: ``<user>$<account id>`` as memphis-py names it on the wire, or
-        for a connection token (the broker knows the token, not the name sent with it) a digest
-        of the token."""
+    def __post_init__(self) -> None:
         if self.connection_token:
-            return "token:" + hashlib.sha256(self.connection_token.encode()).hexdigest()[:32]
-        return f"{self.username}${self.account_id}"
+            identity = "token:" + hashlib.sha256(self.connection_token.encode()).hexdigest()[:32]
+        else:
+            identity = f"{self.username}${self.account_id}"
+        object.__setattr__(self, "identity", identity)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
