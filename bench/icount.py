@@ -110,7 +110,7 @@ async def count(broker_url: str, work: Path, name: str, extra: list[str], checko
                                      json={"name": "icount", "stations": ["icount"], "actions": ["produce"]}) as resp:
                     assert resp.status == 200, await resp.text()
                     jwt = (await resp.json())["key"]
-        await send(http_port, jwt, 300, headers=with_headers)  # warm-up: the station exists, caches and pools are filled
+        await send(http_port, jwt, 300, headers=with_headers)  # warm-up: the station, caches and pools
         await asyncio.to_thread(_instrument, proc.pid, "on")
         await send(http_port, jwt, n, headers=with_headers)
         await asyncio.sleep(0.6)  # the access log's flusher formats what the calls left (every 0.2 s)
