@@ -74,8 +74,10 @@ async def serve(settings: config.Settings) -> int:
 # milliseconds a collection walked every in-flight object, found nothing to free (the gateway makes
 # no reference cycles per call) and moved them all to older generations, whose collections then
 # walked them again. Measured under 50 connections of REST produce/single: 400 collections in 8 s,
-# 0.32 s of the process's time (4%); with this threshold, none.
-GC_YOUNG_THRESHOLD = 20_000
+# 0.32 s of the process's time (4%); with this threshold, none (5,000 sufficed there). Not higher:
+# what failed calls leave in reference cycles (nats-py's clients of a refused broker login: ~150
+# objects and tens of KB each) waits for the collection, and 20,000 let 5,000 failed logins hold 7 MB.
+GC_YOUNG_THRESHOLD = 10_000
 
 
 def tune_gc() -> None:

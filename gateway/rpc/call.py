@@ -180,9 +180,12 @@ class Endpoint:
         except BaseException as exc:
             code = _code_of(exc)
             mapped = _as_gateway_error(exc, self, ctx)
-            if mapped is exc:
-                raise
-            raise mapped from exc
+            try:
+                if mapped is exc:
+                    raise
+                raise mapped from exc
+            finally:  # the frame must not keep the exception whose traceback keeps the frame: a cycle per error
+                del mapped
         finally:
             self._finish(ctx, code, started)
 
@@ -204,9 +207,12 @@ class Endpoint:
         except BaseException as exc:
             code = _code_of(exc)
             mapped = _as_gateway_error(exc, self, ctx)
-            if mapped is exc:
-                raise
-            raise mapped from exc
+            try:
+                if mapped is exc:
+                    raise
+                raise mapped from exc
+            finally:  # the frame must not keep the exception whose traceback keeps the frame: a cycle per error
+                del mapped
         finally:
             self._finish(ctx, code, started)
 

@@ -22,7 +22,7 @@ from tests.processes import spawn_gateway
 
 CALLS = 3000
 IN_FLIGHT = 50
-MAX_YOUNG_COLLECTIONS = 3  # per protocol; the default threshold gave 30-60 for these calls
+MAX_YOUNG_COLLECTIONS = 5  # per protocol; now REST 0, gRPC 2; the default threshold gave REST 29-41, gRPC 27
 
 
 def young_collections(metrics: str) -> float:
