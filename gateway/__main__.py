@@ -68,24 +68,17 @@ async def serve(settings: config.Settings) -> int:
     return 0
 
 
-# The young generation's threshold: container objects allocated (net of those freed) before a collection.
-# CPython's default, 700, is less than what 50 calls in flight hold at once (a request, its message,
-# futures, dicts: ~20 each), so under load the count crosses it again and again: every few
-# milliseconds a collection walked every in-flight object, found nothing to free (the gateway makes
-# no reference cycles per call) and moved them all to older generations, whose collections then
-# walked them again. Measured under 50 connections of REST produce/single: 400 collections in 8 s,
-# 0.32 s of the process's time (4%); with this threshold, none (5,000 sufficed there). Not higher:
-# what failed calls leave in reference cycles (nats-py's clients of a refused broker login: ~150
-# objects and tens of KB each) waits for the collection, and 20,000 let 5,000 failed logins hold 7 MB.
-GC_YOUNG_THRESHOLD = 10_000
-
-
 def tune_gc() -> None:
-    """Once the gateway has started: its start-up objects leave the collector's generations
-    (descriptors, modules: never garbage), and the young generation holds what the calls in flight use."""
+    """Once the gateway has started: its start-up objects (descriptors, modules: never garbage) leave
+    the collector's generations, so no collection walks them again.
+
+    The young generation keeps CPython's threshold. Under 50 calls in flight it collects every few
+    milliseconds (400 collections in 8 s, 4% of the process's time) and frees nothing; a threshold of
+    10,000-20,000 removed them, but then what refused broker logins leave in reference cycles
+    (nats-py's clients, their sockets to the broker still open) waited that much longer: 100 logins
+    left a dozen broker connections open, 5,000 failed ones 7 MB. Its gain in throughput was within
+    this machine's noise (bench/README.md, "The garbage collector"), so the default stays."""
     gc.freeze()
-    _, older, oldest = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 def main(argv: list[str] | None = None) -> None:
