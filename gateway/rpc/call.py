@@ -179,13 +179,10 @@ class Endpoint:
                 timers.cancel(timer)
         except BaseException as exc:
             code = _code_of(exc)
-            mapped = _as_gateway_error(exc, self, ctx)
-            try:
-                if mapped is exc:
-                    raise
-                raise mapped from exc
-            finally:  # the frame must not keep the exception whose traceback keeps the frame: a cycle per error
-                del mapped
+            if isinstance(exc, _PASSED_ON):
+                raise
+            # no local names the new exception: its traceback holds this frame (no cycle per failed call)
+            raise _as_gateway_error(exc, self, ctx) from exc
         finally:
             self._finish(ctx, code, started)
 
@@ -206,13 +203,10 @@ class Endpoint:
                 yield response
         except BaseException as exc:
             code = _code_of(exc)
-            mapped = _as_gateway_error(exc, self, ctx)
-            try:
-                if mapped is exc:
-                    raise
-                raise mapped from exc
-            finally:  # the frame must not keep the exception whose traceback keeps the frame: a cycle per error
-                del mapped
+            if isinstance(exc, _PASSED_ON):
+                raise
+            # no local names the new exception: its traceback holds this frame (no cycle per failed call)
+            raise _as_gateway_error(exc, self, ctx) from exc
         finally:
             self._finish(ctx, code, started)
 
@@ -244,9 +238,12 @@ def _code_of(exc: BaseException) -> str:
     return "INTERNAL"
 
 
-def _as_gateway_error(exc: BaseException, endpoint: Endpoint, ctx: CallContext) -> BaseException:
-    if isinstance(exc, GatewayError | asyncio.CancelledError | GeneratorExit | KeyboardInterrupt | SystemExit):
-        return exc
+# raised as they are; any other exception becomes a GatewayError (_as_gateway_error)
+_PASSED_ON = (GatewayError, asyncio.CancelledError, GeneratorExit, KeyboardInterrupt, SystemExit)
+
+
+def _as_gateway_error(exc: BaseException, endpoint: Endpoint, ctx: CallContext) -> GatewayError:
+    """What an exception that is not ``_PASSED_ON`` is to the caller (an unexpected one is logged)."""
     if isinstance(exc, TimeoutError):
         return DeadlineExceeded("deadline exceeded")
     log.error("unexpected error in %s (request id %d)", endpoint.full_name, ctx.request_id, exc_info=exc)

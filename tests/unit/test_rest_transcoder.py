@@ -712,6 +712,26 @@ async def test_internal_errors_leak_nothing(server: Server, caplog: pytest.LogCa
     assert b"secret" not in body and b"Traceback" not in body
 
 
+async def test_a_mapped_error_leaves_no_reference_cycle(server: Server) -> None:
+    """The Internal an unexpected error becomes must not be held by the frame its traceback holds:
+    each failed call would otherwise leave its whole request graph to the cyclic collector."""
+    import gc
+
+    import gateway.rpc.call as call
+
+    await server.call("POST", "/stations/boom/produce/single", b"x", AUTH)  # first-use allocations
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(20):
+            status, _, _ = await server.call("POST", "/stations/boom/produce/single", b"x", AUTH)
+            assert status == 500
+        left = [o for o in gc.get_objects() if isinstance(o, call.Internal)]
+    finally:
+        gc.enable()
+    assert left == []
+
+
 # ---------------------------------------------------------------- limits
 
 
