@@ -116,12 +116,7 @@ async def count(broker_url: str, work: Path, name: str, extra: list[str], checko
         await asyncio.sleep(0.6)  # the access log's flusher formats what the calls left (every 0.2 s)
         await asyncio.to_thread(_instrument, proc.pid, "off")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        _stop(proc)
     return _totals(work, name)
 
 
@@ -148,13 +143,18 @@ async def count_baseline(broker_url: str, work: Path, n: int) -> int:
         await send(port, "-", n)
         await asyncio.to_thread(_instrument, proc.pid, "off")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        _stop(proc)
     return _totals(work, "B")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the process under valgrind (it writes its counts on exit), SIGKILL if it hangs."""
+    proc.terminate()
+    try:
+        proc.wait(120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
 
 
 def _start(argv: list[str], env: dict[str, str], work: Path, log_path: Path) -> subprocess.Popen[bytes]:

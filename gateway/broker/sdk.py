@@ -230,19 +230,15 @@ def _too_large(what: str, stored: int) -> str:
 
 def _set_value(value: struct_pb2.Value, obj: Any, depth: int) -> None:
     """``value`` set to the JSON value ``obj`` (what json_format makes, without its JSON text round trip)."""
+    if isinstance(obj, dict | list) and depth >= DECODE_MAX_DEPTH:
+        raise _Undecodable(f"the decoded message nests deeper than {DECODE_MAX_DEPTH} levels; consume without decode")
     if isinstance(obj, dict):
-        if depth >= DECODE_MAX_DEPTH:
-            raise _Undecodable(f"the decoded message nests deeper than {DECODE_MAX_DEPTH} levels; "
-                               "consume without decode")
         fields = value.struct_value.fields
         if not obj:
             value.struct_value.SetInParent()
         for k, item in obj.items():
             _set_value(fields[str(k)], item, depth + 1)
     elif isinstance(obj, list):
-        if depth >= DECODE_MAX_DEPTH:
-            raise _Undecodable(f"the decoded message nests deeper than {DECODE_MAX_DEPTH} levels; "
-                               "consume without decode")
         values = value.list_value.values
         if not obj:
             value.list_value.SetInParent()
