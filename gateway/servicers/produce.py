@@ -58,7 +58,14 @@ def json_elements(body: bytes, max_count: int) -> list[bytes]:
     and says where it ends): an element is a Python value only while it is re-encoded, and a
     body with more than ``max_count`` elements is refused as soon as the walk passes the
     limit. Parsing the whole array first made one Python object per element before any
-    check: ``[0,0,...]`` (400 KB, 200k elements) grew the gateway by 800 MB."""
+    check: ``[0,0,...]`` (400 KB, 200k elements) grew the gateway by 800 MB.
+
+    A body with few JSON tokens for its size (the usual batch: messages of some size each) is
+    parsed at once by orjson instead, which is 4x faster and gives the same bytes (see
+    :func:`_parsed_elements`); anything else takes the walk."""
+    fast = _parsed_elements(body, max_count)
+    if fast is not None:
+        return fast
     if body.count(b"[") + body.count(b"{") > _DEEP_SCAN:
         # A body that could nest deeper than Python's json recurses is checked by orjson first (C, no
         # Python recursion; 1024 levels at most), so no client input drives the decoder below into
@@ -99,6 +106,38 @@ def json_elements(body: bytes, max_count: int) -> list[bytes]:
         if not text.startswith(",", i):
             raise InvalidArgument(f"Invalid request body: not JSON (expected ',' or ']' at offset {i})")
         i = _WS.match(text, i + 1).end()  # type: ignore[union-attr]
+
+
+_FAST_MAX_TOKENS = 50_000  # what orjson may turn into Python objects at once: a few MB, freed before any await
+# One pass tells both: JSON's separators and opening brackets become "t", digits "0", the rest " ".
+_TOKENS = bytes(ord("t") if c in b",:[{" else ord("0") if c in b"0123456789" else ord(" ") for c in range(256))
+_LONG_NUMBER = b"0" * 19  # may be beyond 64 bits, which orjson would make a float
+
+
+def _parsed_elements(body: bytes, max_count: int) -> list[bytes] | None:
+    """The elements, compact, from one orjson parse; None when the walk must decide.
+
+    Only for bodies whose Python objects stay few: at most ``_FAST_MAX_TOKENS`` separators
+    and brackets (each value but a container's first follows one); they live only until this
+    synchronous call returns, so one such body at a time. The result is the walk's: both parse
+    exact JSON into the same values (last duplicate key wins, floats correctly rounded) and
+    re-encode with orjson. Where they could differ the walk decides: any orjson error (its
+    message differs; ``1e400``, lone surrogates), numbers of 19 digits or more (orjson makes
+    integers beyond 64 bits floats), a body that is not an array or has too many elements."""
+    shape = body.translate(_TOKENS)
+    tokens = shape.count(b"t")
+    if tokens > _FAST_MAX_TOKENS or _LONG_NUMBER in shape:
+        return None
+    try:
+        values = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if type(values) is not list or len(values) > max_count:
+        return None
+    try:
+        return [orjson.dumps(value) for value in values]
+    except TypeError:  # nesting beyond orjson's 254 levels: the walk says which message
+        return None
 
 
 def _only_whitespace_after(text: str, i: int, out: list[bytes]) -> list[bytes]:
