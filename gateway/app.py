@@ -132,6 +132,7 @@ class Gateway:
         self.broker = MemphisBroker(
             broker_url, timeout_s=s.broker_timeout_s, idle_s=s.session_idle_s,
             ack_key=derive_key(s.jwt_secret, "ack-id"), service_nc=self.service_nc, tls=s.broker_tls,
+            max_inflight_produce_bytes=s.max_inflight_produce_bytes,
         )
         root_password, root_token = choose(s.auth_mode, s.root_password, s.connection_token)
         tokens = TokenService(

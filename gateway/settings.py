@@ -124,6 +124,11 @@ class Settings:
         default=64 * 1024 * 1024,
         metadata={"help": "REST request body bytes held at once across all requests; beyond: 503 + Retry-After"},
     )
+    max_inflight_produce_bytes: int = field(
+        default=256 * 1024 * 1024,
+        metadata={"help": "produced messages awaiting the broker's acknowledgement, all calls, REST and gRPC "
+                          "(bytes, 512 counted per message besides its own); beyond: 503 + Retry-After"},
+    )
     max_batch_messages: int = field(default=5000, metadata={"help": "most messages in one produce batch"})
     max_consume_batch: int = field(default=5000, metadata={"help": "largest consume batch_size"})
     max_consume_wait_ms: int = field(default=60000, metadata={"help": "largest batch_max_wait_time_ms"})
@@ -267,6 +272,7 @@ def _validate(s: Settings) -> None:
         "workers", "max_streams_per_user", "broker_timeout_s", "token_expiry_min", "refresh_token_expiry_min",
         "request_timeout_s", "max_body_bytes", "max_batch_messages", "max_consume_batch", "max_consume_wait_ms",
         "session_idle_s", "http_keepalive_s", "http_send_timeout_s", "body_read_timeout_s", "max_inflight_body_bytes",
+        "max_inflight_produce_bytes",
         "max_consume_bytes", "grpc_max_streams", "grpc_max_connection_age_s",
     )
     for name in positive:

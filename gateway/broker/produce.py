@@ -34,12 +34,44 @@ LOST_IN_FLIGHT = (
 )
 
 
+MESSAGE_OVERHEAD = 512  # what the gateway holds per message in flight besides its bytes (about 600 B measured)
+
+
+class ProduceBudget:
+    """The messages awaiting the broker's acknowledgement, all sessions and calls, bounded in bytes.
+
+    A message is counted as its payload, its header block and ``MESSAGE_OVERHEAD``, from its
+    publication to its acknowledgement. The request bodies held are bounded by the transcoder, but
+    a body of 15 KB is 5,000 messages of ``{}`` and gRPC has no such bound: without this, concurrent
+    batches held about 3 MB each while the broker acknowledged them. A call that would take the
+    total past the limit is refused at once (503 with Retry-After; nothing of it was published),
+    except when nothing is in flight, so that one batch larger than the limit still goes through."""
+
+    __slots__ = ("held", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, nbytes: int) -> None:
+        if self.held and self.held + nbytes > self.limit:
+            raise Unavailable(
+                f"too many messages awaiting the broker's acknowledgement (over {self.limit} bytes); retry shortly",
+                retry_after=RETRY_AFTER_S,
+            )
+        self.held += nbytes
+
+    def give(self, nbytes: int) -> None:
+        self.held -= nbytes
+
+
 class Producing:
     """The produce half of :class:`gateway.broker.adapter.MemphisBroker`."""
 
-    def __init__(self, pool: SessionPool, timeout_s: float) -> None:
+    def __init__(self, pool: SessionPool, timeout_s: float, budget: ProduceBudget) -> None:
         self._pool = pool
         self._timeout = timeout_s
+        self._budget = budget
 
     async def produce(
         self, creds: Credentials, station: str, messages: Sequence[OutMessage], producer_name: str = ""
@@ -92,6 +124,7 @@ class Producing:
         schema = self._schema(session, route, station, key)
         protobuf = schema is not None and schema.get("type") == "protobuf"
         refused: list[int] = []
+        cost = 0  # for the ProduceBudget
         for i, message in enumerate(messages):
             payload = message.data
             if schema is not None:
@@ -110,12 +143,15 @@ class Producing:
             subject = route.only_subject or route.subjects[self._partition(route, message)]
             items.append((subject, block, payload))
             positions.append(i)
+            cost += len(block) + len(payload)
         if refused and session.memphis.station_schemaverse_to_dls.get(key):
             await self._report_refusals(session, route, key, [(messages[i], errors[i] or "") for i in refused])
         if not items:
             return errors
         if session.publisher is None:
             session.publisher = Publisher(session.nc)
+        cost += MESSAGE_OVERHEAD * len(items)
+        self._budget.take(cost)
         try:
             results = await session.publisher.publish(items, self._timeout)
         except TimeoutError:
@@ -126,6 +162,8 @@ class Producing:
         except (nats.errors.OutboundBufferLimitError, nats.errors.ConnectionClosedError,
                 nats.errors.ConnectionReconnectingError):
             raise Unavailable(DOWN, retry_after=RETRY_AFTER_S) from None
+        finally:
+            self._budget.give(cost)
         for i, error in zip(positions, results, strict=True):
             if error is not None:
                 if error.retryable:  # the client retries the whole call (idempotency keys make that safe)

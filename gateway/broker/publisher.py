@@ -137,10 +137,13 @@ class Publisher:
                 f"HPUB {subject} {prefix}{i} {hdr_len} {hdr_len + len(payload)}\r\n".encode()
                 + header_block + payload + _CRLF
             )
+        wire = b"".join(commands)
+        del commands  # not held while the acknowledgements come: the joined copy goes to nats-py
         expiry = timers.at(time.monotonic() + seconds, _expire, batch.done)
         try:
             nc = self._nc
-            await nc._send_command(b"".join(commands))
+            await nc._send_command(wire)
+            del wire  # nats-py's until written
             queue, flusher = nc._flush_queue, nc._flusher_task
             if queue is None or flusher is None or flusher.done():
                 await nc._flush_pending()  # it knows what to do without a running flusher

@@ -13,6 +13,7 @@ import orjson
 from memgw.v1 import produce_pb2
 
 from gateway.broker.seam import Broker, OutMessage
+from gateway.core import jsonbytes
 from gateway.core.errors import InvalidArgument
 from gateway.core.headers import EMPTY, MessageHeaders, message_headers, with_headers
 from gateway.core.jsondepth import MAX_JSON_DEPTH, too_deep
@@ -135,7 +136,7 @@ def _parsed_elements(body: bytes, max_count: int) -> list[bytes] | None:
     if type(values) is not list or len(values) > max_count:
         return None
     try:
-        return [orjson.dumps(value) for value in values]
+        return [jsonbytes.dumps(value) for value in values]
     except TypeError:  # nesting beyond orjson's 254 levels: the walk says which message
         return None
 
@@ -148,7 +149,7 @@ def _only_whitespace_after(text: str, i: int, out: list[bytes]) -> list[bytes]:
 
 def _compact(value: Any, index: int) -> bytes:
     try:
-        return orjson.dumps(value)
+        return jsonbytes.dumps(value)
     except TypeError:  # integers beyond 64 bits, nesting beyond orjson's 254 levels, lone surrogates
         pass
     try:

@@ -30,6 +30,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 
+from gateway.core import jsonbytes
 from gateway.core.jsondepth import MAX_JSON_DEPTH, too_deep
 from gateway.transcoding import wkt
 from gateway.transcoding.jsonscalars import (
@@ -283,7 +284,7 @@ class MessageCodec:
         return value if fc.encode is None else fc.encode(value)
 
     def dumps(self, msg: Message) -> bytes:
-        return orjson.dumps(self.to_obj(msg))
+        return jsonbytes.dumps(self.to_obj(msg))
 
 
 def assign(msg: Message, field: FieldDescriptor, value: Any) -> None:

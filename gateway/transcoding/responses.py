@@ -17,6 +17,7 @@ from aiohttp import web
 from google.protobuf.message import Message
 from memgw.v1 import options_pb2
 
+from gateway.core import jsonbytes
 from gateway.core.errors import GatewayError, Unauthenticated
 from gateway.transcoding.bindings import Binding
 from gateway.transcoding.jsoncodec import dumps
@@ -76,5 +77,5 @@ def encoder(b: Binding) -> Callable[[Message], tuple[bytes, str]]:
 
         return raw
     if field_name:
-        return lambda reply: (orjson.dumps(codec.field_to_obj(reply, field_name)), JSON)
+        return lambda reply: (jsonbytes.dumps(codec.field_to_obj(reply, field_name)), JSON)
     return lambda reply: (codec.dumps(reply), JSON)

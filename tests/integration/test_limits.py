@@ -471,3 +471,52 @@ async def test_consume_answer_fits_the_message_limit_and_loses_nothing(nats_serv
     print(f"\nFIGURES consume answers under a {limit}-byte limit: {answers} messages of {size} bytes")
     assert max(answers) < count  # the limit did cut batches
     assert sorted(seen) == [f"{j:02d}".encode() for j in range(count)]  # none lost, none twice
+
+
+async def test_messages_awaiting_acknowledgement_are_bounded(nats_server, tmp_path) -> None:
+    """``max_inflight_produce_bytes`` bounds what all calls hold while the broker acknowledges: beyond it
+    a call is 503 / UNAVAILABLE with Retry-After and nothing of it is stored; the others are stored whole.
+    One batch larger than the limit still goes through when nothing else is in flight."""
+    per_batch = 400  # each message counted as its bytes, its header block and 512: a batch ~250 KB
+    limit = 600_000  # two such batches in flight, not three
+    settings = settings_for(nats_server.url, tmp_path, max_inflight_produce_bytes=limit)
+    async with running_gateway(settings) as gw:
+        token = await gw.rest_token()
+        name = station()
+        body = json.dumps([{"i": i} for i in range(per_batch)]).encode()
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+
+        async def rest_batch() -> tuple[int, Any, Any]:
+            return await gw.post(f"/stations/{name}/produce/batch", raw=body, headers=headers)
+
+        async def grpc_batch() -> grpc.StatusCode:
+            try:
+                await gw.produce.ProduceBatch(produce_pb2.ProduceBatchRequest(
+                    station=name, messages=[{"data": b'{"i":%d}' % i} for i in range(per_batch)]),
+                    metadata=bearer(token))
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+                assert "awaiting the broker's acknowledgement" in (exc.details() or "")
+                assert ("retry-after", "1") in tuple(exc.initial_metadata() or ())
+                return exc.code()
+            return grpc.StatusCode.OK
+
+        assert (await rest_batch())[0] == 200  # the station exists; alone, one batch always fits
+        rest = await asyncio.gather(*[rest_batch() for _ in range(24)])
+        statuses = [status for status, _, _ in rest]
+        for status, reply, hdrs in rest:
+            if status == 503:
+                assert "awaiting the broker's acknowledgement" in reply["error"], reply
+                assert hdrs.get("Retry-After") == "1"
+        codes = await asyncio.gather(*[grpc_batch() for _ in range(32)])
+        grpc_codes = sorted(c.name for c in codes)
+        print(f"\nFIGURES in-flight produce limit {limit} B: REST {sorted(statuses)}, gRPC {grpc_codes}")
+        assert set(statuses) == {200, 503} and statuses.count(200) >= 2
+        assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}
+        stored_batches = 1 + statuses.count(200) + codes.count(grpc.StatusCode.OK)
+        big = json.dumps([{"i": i} for i in range(3 * per_batch)]).encode()  # ~750 KB counted: over the limit
+        status, reply, _ = await gw.post(f"/stations/{name}/produce/batch", raw=big, headers=headers)
+        assert status == 200, reply
+        status, info, _ = await gw.get(f"/stations/{name}", token=token)
+        assert status == 200, info
+        assert int(info["total_messages"]) == stored_batches * per_batch + 3 * per_batch  # none partly stored

@@ -71,6 +71,26 @@ async def test_batch_of_1m_tiny_elements_grows_nothing(api: Api, gw: GatewayProc
     assert probe.worst < 1.0
 
 
+@pytest.mark.fresh_gateway
+@pytest.mark.timeout(120)
+async def test_accepted_batches_of_tiny_elements_hold_what_they_sent(api: Api, gw: GatewayProcess,
+                                                                    station: str) -> None:
+    """orjson 3.12+ returns each text in a buffer of at least 4 KiB: a batch of 5,000 `{}` (15 KB, within
+    every limit) held 20 MB until the broker acknowledged it. 30 at once must not grow the gateway by
+    more than their messages are worth."""
+    await api.produce_text(station, "exists")
+    body = b"[" + b",".join([b"{}"] * 5000) + b"]"
+    with RssWatch(gw) as watch:
+        results = await asyncio.gather(*[post_batch(api, station, body) for _ in range(30)])
+        await asyncio.sleep(0.2)
+    statuses = sorted({status for status, _ in results}, key=str)
+    figure("batch-accepted-30x5000", f"30 concurrent batches of 5,000 `{{}}` ({len(body) / 1024:.0f} KB each): "
+           f"statuses {statuses}, {watch.describe()}",
+           statuses=statuses, rss_mb=watch.growth_mb, killed=watch.killed)
+    assert statuses == [200]
+    assert watch.growth_mb < 120
+
+
 @pytest.mark.timeout(90)
 async def test_batch_nested_deeper_than_1024_is_a_4xx(api: Api, gw: GatewayProcess, station: str) -> None:
     await api.produce_text(station, "exists")
