@@ -18,10 +18,11 @@ from typing import Any
 from gateway.broker.ackid import AckIds
 from gateway.broker.consume import Consuming
 from gateway.broker.events import event_stream
-from gateway.broker.natsutil import parse_servers, ping, probe
-from gateway.broker.produce import ProduceBudget, Producing
+from gateway.broker.natsutil import RETRY_AFTER_S, parse_servers, ping, probe
+from gateway.broker.produce import UNACKNOWLEDGED, Producing
 from gateway.broker.seam import ConsumerSpec, InMessage
 from gateway.broker.sessions import Session, SessionPool
+from gateway.core.budget import Budget
 from gateway.core.errors import Unavailable
 from gateway.core.identity import Credentials
 
@@ -35,7 +36,8 @@ class MemphisBroker:
         self._servers = parse_servers(url)
         self._timeout = timeout_s
         self._service_nc = service_nc
-        self._producing = Producing(self._pool, timeout_s, ProduceBudget(max_inflight_produce_bytes))
+        unacknowledged = Budget(max_inflight_produce_bytes, UNACKNOWLEDGED, RETRY_AFTER_S)
+        self._producing = Producing(self._pool, timeout_s, unacknowledged)
         self._consuming = Consuming(self._pool, timeout_s, AckIds(ack_key))
         self.produce = self._producing.produce
         self.fetch = self._consuming.fetch

@@ -22,6 +22,7 @@ from gateway.broker.routes import ConnectionLost, Route
 from gateway.broker.sdk import SCHEMAVERSE_DLS, protobuf_payload, refusal_report, sdk_call, validated
 from gateway.broker.seam import OutMessage
 from gateway.broker.sessions import Session, SessionPool
+from gateway.core.budget import Budget
 from gateway.core.errors import InvalidArgument, Unavailable
 from gateway.core.identity import Credentials
 from gateway.core.names import FINAL, internal_name, stream_name
@@ -34,41 +35,17 @@ LOST_IN_FLIGHT = (
 )
 
 
-MESSAGE_OVERHEAD = 512  # what the gateway holds per message in flight besides its bytes (about 600 B measured)
-
-
-class ProduceBudget:
-    """The messages awaiting the broker's acknowledgement, all sessions and calls, bounded in bytes.
-
-    A message is counted as its payload, its header block and ``MESSAGE_OVERHEAD``, from its
-    publication to its acknowledgement. The request bodies held are bounded by the transcoder, but
-    a body of 15 KB is 5,000 messages of ``{}`` and gRPC has no such bound: without this, concurrent
-    batches held about 3 MB each while the broker acknowledged them. A call that would take the
-    total past the limit is refused at once (503 with Retry-After; nothing of it was published),
-    except when nothing is in flight, so that one batch larger than the limit still goes through."""
-
-    __slots__ = ("held", "limit")
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.held = 0
-
-    def take(self, nbytes: int) -> None:
-        if self.held and self.held + nbytes > self.limit:
-            raise Unavailable(
-                f"too many messages awaiting the broker's acknowledgement (over {self.limit} bytes); retry shortly",
-                retry_after=RETRY_AFTER_S,
-            )
-        self.held += nbytes
-
-    def give(self, nbytes: int) -> None:
-        self.held -= nbytes
+# What a message awaiting its acknowledgement holds besides its bytes (about 600 B of RSS measured). The
+# bodies of REST requests are bounded by the transcoder, but a body of 15 KB is 5,000 messages of ``{}``
+# and gRPC has no such bound: without a budget, concurrent batches held about 3 MB each meanwhile.
+MESSAGE_OVERHEAD = 512
+UNACKNOWLEDGED = "messages awaiting the broker's acknowledgement"  # what the produce Budget counts
 
 
 class Producing:
     """The produce half of :class:`gateway.broker.adapter.MemphisBroker`."""
 
-    def __init__(self, pool: SessionPool, timeout_s: float, budget: ProduceBudget) -> None:
+    def __init__(self, pool: SessionPool, timeout_s: float, budget: Budget) -> None:
         self._pool = pool
         self._timeout = timeout_s
         self._budget = budget
@@ -124,7 +101,7 @@ class Producing:
         schema = self._schema(session, route, station, key)
         protobuf = schema is not None and schema.get("type") == "protobuf"
         refused: list[int] = []
-        cost = 0  # for the ProduceBudget
+        cost = 0  # each message's bytes + MESSAGE_OVERHEAD, held in the budget until acknowledged
         for i, message in enumerate(messages):
             payload = message.data
             if schema is not None:

@@ -20,11 +20,11 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from google.protobuf.message import Message
 
+from gateway.core.budget import Budget
 from gateway.core.errors import GatewayError, Internal
 from gateway.rpc.call import CallContext
 from gateway.transcoding.bindings import Binding
 from gateway.transcoding.requests import (
-    BodyBudget,
     call_deadline,
     malformed,
     ndjson_lines,
@@ -41,7 +41,7 @@ SSE = "text/event-stream"
 Serve = Callable[[web.BaseRequest, Mapping[str, str], str, dict[str, str]], Awaitable[web.StreamResponse]]
 
 
-def forwarder(b: Binding, *, limit: int, timeout: float, body_timeout: float, budget: BodyBudget) -> Serve:
+def forwarder(b: Binding, *, limit: int, timeout: float, body_timeout: float, budget: Budget) -> Serve:
     """``serve(request, path captures, query string, CORS headers)`` for binding ``b``.
 
     ``timeout`` is the deadline of unary calls (streams get one only from Grpc-Timeout);

@@ -10,8 +10,9 @@ import grpc
 from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from gateway.core.budget import Budget
 from gateway.core.deadlines import timeout
-from gateway.core.errors import GatewayError, InvalidArgument, Unavailable
+from gateway.core.errors import GatewayError, InvalidArgument
 from gateway.core.headers import DROPPED, canonical
 from gateway.transcoding.responses import error_response
 
@@ -21,6 +22,7 @@ from gateway.transcoding.responses import error_response
 _NOT_BOUND = DROPPED | {"content-encoding"}
 _GRPC_TIMEOUT = re.compile(r"([0-9]{1,8})([HMSmun])")
 BUSY_RETRY_AFTER_S = 1.0  # Retry-After of a body refused because too many are in flight
+BODIES = "request bodies in flight"  # what the transcoder's Budget counts
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 
 
@@ -88,37 +90,12 @@ def call_deadline(metadata: Mapping[str, str], default: float | None) -> float |
     return time.monotonic() + int(m.group(1)) * _TIMEOUT_UNITS[m.group(2)]
 
 
-class BodyBudget:
-    """The bytes of request bodies held at once, across all requests, bounded by ``limit``.
-
-    Every body is counted from its first byte until its call ends; one that would take the
-    total past the limit is refused at once (503 with Retry-After), so clients sending many
-    bodies at once cannot make the gateway hold more than ``limit`` bytes of them."""
-
-    __slots__ = ("held", "limit")
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.held = 0
-
-    def take(self, nbytes: int) -> None:
-        if self.held + nbytes > self.limit:
-            raise Unavailable(
-                f"too many request bodies in flight (over {self.limit} bytes at once); retry shortly",
-                retry_after=BUSY_RETRY_AFTER_S,
-            )
-        self.held += nbytes
-
-    def give(self, nbytes: int) -> None:
-        self.held -= nbytes
-
-
 def slow_body(seconds: float) -> GatewayError:
     return GatewayError(f"request body not received within {seconds:g} s: send the whole body at once",
                         http_status=408, code=grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
-async def read_body(request: web.BaseRequest, limit: int, budget: BodyBudget, timeout_s: float) -> bytes:
+async def read_body(request: web.BaseRequest, limit: int, budget: Budget, timeout_s: float) -> bytes:
     """The whole body: refused (413) as soon as it passes ``limit`` bytes, (408) if it is not all
     there within ``timeout_s``, (503) if ``budget`` cannot hold it. The caller gives back
     ``len(result)`` to ``budget`` once the call is over."""
