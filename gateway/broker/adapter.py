@@ -18,8 +18,8 @@ from typing import Any
 from gateway.broker.ackid import AckIds
 from gateway.broker.consume import Consuming
 from gateway.broker.events import event_stream
-from gateway.broker.natsutil import RETRY_AFTER_S, parse_servers, ping, probe
-from gateway.broker.produce import UNACKNOWLEDGED, Producing
+from gateway.broker.natsutil import parse_servers, ping, probe
+from gateway.broker.produce import Producing
 from gateway.broker.seam import ConsumerSpec, InMessage
 from gateway.broker.sessions import Session, SessionPool
 from gateway.core.budget import Budget
@@ -30,13 +30,13 @@ from gateway.core.identity import Credentials
 class MemphisBroker:
     def __init__(
         self, url: str, *, timeout_s: float, idle_s: float, ack_key: bytes, service_nc: Any = None,
-        tls: tuple[str, str, str] | None = None, max_inflight_produce_bytes: int = 256 * 1024 * 1024,
+        tls: tuple[str, str, str] | None = None, max_inflight_produce_bytes: int,
     ) -> None:
         self._pool = SessionPool(url, timeout_s=timeout_s, idle_s=idle_s, tls=tls)
         self._servers = parse_servers(url)
         self._timeout = timeout_s
         self._service_nc = service_nc
-        unacknowledged = Budget(max_inflight_produce_bytes, UNACKNOWLEDGED, RETRY_AFTER_S)
+        unacknowledged = Budget(max_inflight_produce_bytes, "messages awaiting the broker's acknowledgement")
         self._producing = Producing(self._pool, timeout_s, unacknowledged)
         self._consuming = Consuming(self._pool, timeout_s, AckIds(ack_key))
         self.produce = self._producing.produce

@@ -39,7 +39,6 @@ LOST_IN_FLIGHT = (
 # bodies of REST requests are bounded by the transcoder, but a body of 15 KB is 5,000 messages of ``{}``
 # and gRPC has no such bound: without a budget, concurrent batches held about 3 MB each meanwhile.
 MESSAGE_OVERHEAD = 512
-UNACKNOWLEDGED = "messages awaiting the broker's acknowledgement"  # what the produce Budget counts
 
 
 class Producing:

@@ -64,6 +64,15 @@ def encode_headers(headers: MessageHeaders, tail: bytes = b"") -> bytes:
     return HEADER_LINE + lines + tail + _CRLF
 
 
+def _hpub_commands(items: Sequence[tuple[str, bytes, bytes]], reply_prefix: str) -> bytes:
+    """One HPUB command per item, joined; item i's acknowledgement comes on ``<reply_prefix><i>``."""
+    return b"".join(
+        f"HPUB {subject} {reply_prefix}{i} {len(block)} {len(block) + len(payload)}\r\n".encode()
+        + block + payload + _CRLF
+        for i, (subject, block, payload) in enumerate(items)
+    )
+
+
 @dataclass(slots=True)
 class _Batch:
     errors: list[PublishError | None]  # _PENDING until the item's acknowledgement came
@@ -129,21 +138,11 @@ class Publisher:
         timers = deadlines()
         batch = _Batch(errors=[_PENDING] * len(items), remaining=len(items), done=timers.loop().create_future())
         self._batches[batch_id] = batch
-        prefix = f"{self._prefix}{batch_id}."
-        commands = []
-        for i, (subject, header_block, payload) in enumerate(items):
-            hdr_len = len(header_block)
-            commands.append(
-                f"HPUB {subject} {prefix}{i} {hdr_len} {hdr_len + len(payload)}\r\n".encode()
-                + header_block + payload + _CRLF
-            )
-        wire = b"".join(commands)
-        del commands  # not held while the acknowledgements come: the joined copy goes to nats-py
         expiry = timers.at(time.monotonic() + seconds, _expire, batch.done)
         try:
             nc = self._nc
-            await nc._send_command(wire)
-            del wire  # nats-py's until written
+            # no local holds the commands while the acknowledgements come: they are nats-py's until written
+            await nc._send_command(_hpub_commands(items, f"{self._prefix}{batch_id}."))
             queue, flusher = nc._flush_queue, nc._flusher_task
             if queue is None or flusher is None or flusher.done():
                 await nc._flush_pending()  # it knows what to do without a running flusher

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from gateway.core.errors import Unavailable
 
+RETRY_AFTER_S = 1.0  # what a refused call is told to wait: calls in flight end within milliseconds
+
 
 class Budget:
     """Bytes held at once, across all calls, bounded by ``limit``.
@@ -14,18 +16,17 @@ class Budget:
     ``limit`` bytes of them; except when nothing is held, so that one call larger than the limit
     still goes through alone. ``what`` names what is held, for the refusal's message."""
 
-    __slots__ = ("held", "limit", "retry_after_s", "what")
+    __slots__ = ("held", "limit", "what")
 
-    def __init__(self, limit: int, what: str, retry_after_s: float = 1.0) -> None:
+    def __init__(self, limit: int, what: str) -> None:
         self.limit = limit
         self.what = what
-        self.retry_after_s = retry_after_s
         self.held = 0
 
     def take(self, nbytes: int) -> None:
         if self.held and self.held + nbytes > self.limit:
             raise Unavailable(f"too many {self.what} (over {self.limit} bytes at once); retry shortly",
-                              retry_after=self.retry_after_s)
+                              retry_after=RETRY_AFTER_S)
         self.held += nbytes
 
     def give(self, nbytes: int) -> None:

@@ -27,7 +27,7 @@ from gateway.transcoding.bindings import build_bindings
 from gateway.transcoding.cors import Cors
 from gateway.transcoding.forward import Serve, forwarder
 from gateway.transcoding.pathtemplate import MalformedPathError, PathTemplate, compile_template, split_path, unescape
-from gateway.transcoding.requests import BODIES, BUSY_RETRY_AFTER_S, expect, send_continue
+from gateway.transcoding.requests import expect, send_continue
 from gateway.transcoding.responses import error_response
 from gateway.transcoding.routes import ExtraRoute
 
@@ -67,7 +67,7 @@ class Mux:
         self.limit = options.max_body_bytes
         self.timeout = options.request_timeout_s
         self.cors = Cors(options.cors_origins)
-        self.budget = Budget(options.max_inflight_body_bytes, BODIES, BUSY_RETRY_AFTER_S)
+        self.budget = Budget(options.max_inflight_body_bytes, "request bodies in flight")
         bindings = build_bindings(
             endpoints, allow_delete_body=options.allow_delete_body, unbound_methods=options.unbound_methods
         )

@@ -21,8 +21,6 @@ from gateway.transcoding.responses import error_response
 # the body's encoding, undone before the body reaches the message.
 _NOT_BOUND = DROPPED | {"content-encoding"}
 _GRPC_TIMEOUT = re.compile(r"([0-9]{1,8})([HMSmun])")
-BUSY_RETRY_AFTER_S = 1.0  # Retry-After of a body refused because too many are in flight
-BODIES = "request bodies in flight"  # what the transcoder's Budget counts
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 
 
