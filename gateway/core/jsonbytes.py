@@ -6,8 +6,8 @@ at least 4 KiB for any text, and room reserved per container item (measured with
 until the broker acknowledged it (5,000 elements of ``{}``, a 15 KB body, held 20 MB) and each
 answer until a slow client read it. :func:`dumps` copies a text under 64 KiB into a ``bytes`` of its
 length (about 0.1 us for a small one). A larger text is left as it is: its buffer is a mapping of
-its own, of which only the pages written are resident, and a copy would double its peak (a 28 MB
-consume answer: RSS +28 MB, and 23 ms on the event loop)."""
+its own, of which only the pages written are resident, and a copy would double its peak (the attack
+suite's 28 MB consume answer: RSS +205 MB with the copy, +158 MB without; 23 ms to copy 32 MiB)."""
 
 from __future__ import annotations
 
